@@ -1,0 +1,69 @@
+"""`G2TRConfig`: the token-reduction knobs that every g2tr_hf model configuration inherits.
+
+All fields live at the top level of the model config so that `from_pretrained(path, g2tr_ratio=0.5)` and
+`pipeline(..., model_kwargs={"g2tr_ratio": 0.5})` reach them (transformers only routes a loading kwarg into the
+config when the config already has an attribute of that name).
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from .reduction import validate_reduction_options
+
+
+class G2TRConfig(PreTrainedConfig):
+    r"""
+    Base configuration holding the G2TR reduction options. Model configurations (BAGEL, InternVL-U) subclass it.
+
+    Args:
+        g2tr_ratio (`float`, *optional*, defaults to 1.0):
+            Keep ratio of the understanding (ViT) tokens of every input image, in (0, 1]. `1.0` turns the reduction
+            off and gives the unreduced model bit for bit. The paper's setting is `0.5`. The default is off so
+            that a converted checkpoint behaves like upstream until a user opts in.
+        g2tr_min_keep (`int`, *optional*, defaults to 32):
+            Lower bound on the number of kept tokens per image (the official BAGEL value).
+        g2tr_method (`str`, *optional*, defaults to `"g2tr"`):
+            Key of the selection method in the reduction registry (`g2tr_hf.reduction.available_methods()`).
+        g2tr_latent_pool (`int`, *optional*, defaults to 2):
+            Pooling factor applied to the patchified VAE latent grid before it serves as anchors.
+        g2tr_merge (`bool`, *optional*, defaults to `True`):
+            Whether dropped tokens are averaged into their most similar kept token (`False`: plain pruning).
+        g2tr_merge_scaling (`float`, *optional*, defaults to 1.0):
+            Weight of the kept token itself in the merge average.
+        g2tr_cell_mapping (`str`, *optional*, defaults to `"corner"`):
+            How a ViT token is assigned to a latent cell: `"corner"` (the official top-left-corner rule) or
+            `"center"`.
+    """
+
+    model_type = "g2tr"
+
+    g2tr_ratio: float | int = 1.0
+    g2tr_min_keep: int = 32
+    g2tr_method: str = "g2tr"
+    g2tr_latent_pool: int = 2
+    g2tr_merge: bool = True
+    g2tr_merge_scaling: float | int = 1.0
+    g2tr_cell_mapping: str = "corner"
+
+    def __post_init__(self, **kwargs):
+        self.validate_g2tr()
+        super().__post_init__(**kwargs)
+
+    def validate_g2tr(self) -> None:
+        """Raise `ValueError` naming the offending field when a reduction option is out of range.
+
+        `from_pretrained` overrides are assigned after `__post_init__`, so models call this again before use.
+        """
+        validate_reduction_options(
+            ratio=self.g2tr_ratio,
+            min_keep=self.g2tr_min_keep,
+            method=self.g2tr_method,
+            merge_scaling=self.g2tr_merge_scaling,
+            cell_mapping=self.g2tr_cell_mapping,
+            latent_pool=self.g2tr_latent_pool,
+            prefix="g2tr_",
+        )
+
+
+__all__ = ["G2TRConfig"]

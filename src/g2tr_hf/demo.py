@@ -1,0 +1,127 @@
+"""The `g2tr-hf demo` job on the embedded default: no download, no weights.
+
+It draws a synthetic scene, builds small ViT-like token features and a VAE-like latent from it, runs the G2TR
+reduction exactly as the models call it (BAGEL geometry: a 70x70 ViT grid and a 2x2-patchified, 2x2-pooled 32x32
+latent grid), and reports tokens in and kept, the KV entries of the image block and the prefill FLOPs at real
+BAGEL-7B-MoT shapes. The features are synthetic: the picture shows the mechanics of the selection (one seed per
+latent cell, global fill), not what a trained model would keep.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .profiling import BAGEL_7B_LLM, Segment, kv_cache_bytes, prefill_flops
+from .reduction import ReductionResult, build_latent_anchors, reduce_tokens
+
+
+VIT_GRID = 70  # BAGEL: 980 px / 14 px patches
+LATENT_SIDE = 128  # BAGEL: 1024 px / 8 (FLUX VAE)
+LATENT_CHANNELS = 16
+QUESTION_TOKENS = 30
+
+
+def synthetic_scene(size: int = 1024) -> Image.Image:
+    """A sky gradient, a sun, hills and a house: enough structure to make a keep set visible."""
+    y = np.linspace(0.0, 1.0, size)[:, None, None]
+    sky = (1 - y) * np.array([90, 150, 230]) + y * np.array([200, 225, 250])
+    image = Image.fromarray(np.broadcast_to(sky, (size, size, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    s = size / 1024
+    draw.ellipse([760 * s, 90 * s, 900 * s, 230 * s], fill=(250, 210, 60))
+    draw.ellipse([-300 * s, 600 * s, 700 * s, 1400 * s], fill=(70, 140, 60))
+    draw.ellipse([400 * s, 650 * s, 1400 * s, 1500 * s], fill=(90, 160, 70))
+    draw.rectangle([300 * s, 480 * s, 620 * s, 760 * s], fill=(180, 80, 60))
+    draw.polygon([(270 * s, 490 * s), (460 * s, 330 * s), (650 * s, 490 * s)], fill=(120, 50, 40))
+    draw.rectangle([420 * s, 600 * s, 500 * s, 760 * s], fill=(70, 40, 30))
+    return image
+
+
+def _box_resize(image: Image.Image, side: int) -> torch.Tensor:
+    """Area-averaged [side, side, 3] colours in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.resize((side, side), Image.BOX), dtype=np.float32) / 255.0)
+
+
+@dataclass
+class SyntheticInputs:
+    """Token features on the ViT grid and the latent anchors on the pooled latent grid of one image."""
+
+    features: torch.Tensor  # [70*70, dim]
+    anchors: torch.Tensor  # [32*32, dim]
+    anchor_grid: tuple[int, int]
+
+
+def synthetic_inputs(image: Image.Image, dim: int = 256, noise: float = 0.3, seed: int = 0) -> SyntheticInputs:
+    """Build ViT-like tokens and VAE-like anchors that live in one feature space.
+
+    A fixed random colour -> 16-channel map plays the VAE encoder and a random Linear(64 -> dim) plays `vae2llm`.
+    Each ViT token is `vae2llm` applied to its own 2x2 sub-colours (encoded the same way), plus noise, so its
+    cosine with the anchor of its latent cell is high where the cell is uniform and low on detail.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    to_latent = torch.randn(3, LATENT_CHANNELS, generator=generator)
+    vae2llm = torch.nn.Linear(4 * LATENT_CHANNELS, dim)
+    with torch.no_grad():
+        vae2llm.weight.copy_(torch.randn(dim, 4 * LATENT_CHANNELS, generator=generator) / 8.0)
+        vae2llm.bias.zero_()
+
+        latent = torch.tanh(_box_resize(image, LATENT_SIDE) @ to_latent).permute(2, 0, 1)  # [16, 128, 128]
+        anchors, anchor_grid = build_latent_anchors(latent, patch_size=2, pool=2, project=vae2llm)
+
+        sub = torch.tanh(_box_resize(image, 2 * VIT_GRID) @ to_latent)  # [140, 140, 16]
+        sub = sub.reshape(VIT_GRID, 2, VIT_GRID, 2, LATENT_CHANNELS).permute(0, 2, 1, 3, 4)
+        features = vae2llm(sub.reshape(VIT_GRID * VIT_GRID, -1))
+        features = features + noise * features.std() * torch.randn(features.shape, generator=generator)
+    return SyntheticInputs(features, anchors, anchor_grid)
+
+
+@dataclass
+class DemoReport:
+    """What `run_demo` measured."""
+
+    result: ReductionResult
+    image: Image.Image
+    tokens_in: int
+    tokens_kept: int
+    reduction_seconds: float
+    kv_entries: tuple[int, int]  # image block + question, without / with reduction
+    kv_bytes: tuple[int, int]
+    prefill_flops: tuple[int, int]
+
+    @property
+    def compute_saved(self) -> float:
+        """Share of the LLM prefill FLOPs saved, in [0, 1)."""
+        return 1.0 - self.prefill_flops[1] / self.prefill_flops[0]
+
+
+def run_demo(ratio: float = 0.5, min_keep: int = 32, seed: int = 0) -> DemoReport:
+    """Reduce the synthetic scene's tokens at `ratio` and account for what that saves at BAGEL-7B-MoT shapes."""
+    image = synthetic_scene()
+    inputs = synthetic_inputs(image, seed=seed)
+    start = time.perf_counter()
+    result = reduce_tokens(
+        inputs.features, (VIT_GRID, VIT_GRID), inputs.anchors, inputs.anchor_grid, ratio=ratio, min_keep=min_keep
+    )
+    seconds = time.perf_counter() - start
+
+    def context(num_image_tokens: int) -> list[Segment]:
+        # Upstream's layout: the image block (markers included) then the question in <|im_start|> ... <|im_end|>.
+        return [Segment(num_image_tokens + 2, bidirectional=True), Segment(QUESTION_TOKENS + 2)]
+
+    full, reduced = context(result.num_tokens), context(result.num_kept)
+    entries = (sum(s.length for s in full), sum(s.length for s in reduced))
+    return DemoReport(
+        result=result,
+        image=image,
+        tokens_in=result.num_tokens,
+        tokens_kept=result.num_kept,
+        reduction_seconds=seconds,
+        kv_entries=entries,
+        kv_bytes=(kv_cache_bytes(entries[0], BAGEL_7B_LLM), kv_cache_bytes(entries[1], BAGEL_7B_LLM)),
+        prefill_flops=(prefill_flops(full, BAGEL_7B_LLM), prefill_flops(reduced, BAGEL_7B_LLM)),
+    )

@@ -1,0 +1,593 @@
+"""G2TR token reduction: latent anchors -> cosine scores -> balanced keep set -> merge.
+
+Model-agnostic and pure torch. A model calls `reduce_tokens` once per image with the projected ViT tokens of that
+image (BAGEL: `connector` outputs, InternVL-U: `mlp1` outputs) and the VAE-latent anchors of the same image
+(`build_latent_anchors`). The result is a *plan* (kept indices and the assignment of every token to a kept token)
+plus the merged tokens; the plan can be applied again to any other per-token tensor (`ReductionResult.merge`) or
+undone for visualisation (`ReductionResult.unmerge`).
+
+Semantics follow the official code (lijunxian111/G2TR `src/token_merge_new.py`, restated in
+`shared/specs/g2tr.md` §2.3-2.4) with the clean-implementation changes of §6:
+
+- the per-cell best token is found with one scatter-max (no Python loop over cells or tokens, no host sync);
+- ties break by (higher score, lower token index) everywhere, where the official `topk` order is unspecified;
+- scores, merge similarities and merge sums are computed in fp32 whatever the feature dtype; the merged tokens are
+  cast back once;
+- the merge is per image (the official merge runs over the whole packed batch and can mix images);
+- a non-finite score is an error instead of silently winning `argmax`.
+
+On inputs without score ties the keep set and the merged tokens equal the official ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+__all__ = [
+    "ReductionResult",
+    "available_methods",
+    "build_latent_anchors",
+    "interpolate_channels",
+    "keep_count",
+    "latent_cell_index",
+    "reduce_tokens",
+    "reduce_tokens_batched",
+    "register_method",
+    "validate_reduction_options",
+]
+
+CELL_MAPPINGS = ("corner", "center")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options and the keep-count rule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _is_real_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_reduction_options(
+    *,
+    ratio: object = 1.0,
+    min_keep: object = 1,
+    method: object = "g2tr",
+    merge_scaling: object = 1.0,
+    cell_mapping: object = "corner",
+    latent_pool: object = 1,
+    prefix: str = "",
+) -> None:
+    """Raise `ValueError` naming the first option that is out of range.
+
+    `prefix` is prepended to the names in the messages (`"g2tr_"` when the values come from a model config).
+    """
+    if not _is_real_number(ratio) or not (0.0 < ratio <= 1.0) or math.isnan(ratio):
+        raise ValueError(f"`{prefix}ratio` must be a number in (0, 1] (1.0 keeps every token), got {ratio!r}.")
+    if not isinstance(min_keep, int) or isinstance(min_keep, bool) or min_keep < 1:
+        raise ValueError(f"`{prefix}min_keep` must be an integer >= 1, got {min_keep!r}.")
+    if method not in _METHODS:
+        raise ValueError(f"`{prefix}method` must be one of {sorted(_METHODS)}, got {method!r}.")
+    if not _is_real_number(merge_scaling) or not math.isfinite(merge_scaling) or merge_scaling <= 0:
+        raise ValueError(f"`{prefix}merge_scaling` must be a finite number > 0, got {merge_scaling!r}.")
+    if cell_mapping not in CELL_MAPPINGS:
+        raise ValueError(f"`{prefix}cell_mapping` must be one of {list(CELL_MAPPINGS)}, got {cell_mapping!r}.")
+    if not isinstance(latent_pool, int) or isinstance(latent_pool, bool) or latent_pool < 1:
+        raise ValueError(f"`{prefix}latent_pool` must be an integer >= 1, got {latent_pool!r}.")
+
+
+def keep_count(num_tokens: int, ratio: float, min_keep: int = 1) -> int:
+    """Number of tokens kept out of `num_tokens`: `min(max(min_keep, round(num_tokens * ratio)), num_tokens)`.
+
+    `round` is Python's (half to even) on the float product, exactly as the official code: 1369 * 0.5 -> 684.
+    """
+    return min(max(min_keep, int(round(num_tokens * ratio))), num_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometry: which latent cell each ViT token belongs to
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _axis_cell_map(size: int, cells: int, mapping: str, device: torch.device) -> torch.Tensor:
+    """Latent cell index along one axis for each of `size` token rows (or columns). Shape [size]."""
+    pos = torch.arange(size, device=device)
+    if mapping == "corner":
+        # The cell containing the token's top-left corner: floor(r * cells / size), as the official code.
+        index = (pos * cells) // size
+    else:
+        # The cell containing the token's centre: floor((r + 1/2) * cells / size).
+        index = ((2 * pos + 1) * cells) // (2 * size)
+    return index.clamp_(max=cells - 1)
+
+
+def latent_cell_index(
+    grid: tuple[int, int], anchor_grid: tuple[int, int], cell_mapping: str = "corner", device=None
+) -> torch.Tensor:
+    """Row-major latent cell of every token of a row-major `grid` (h, w) over `anchor_grid` (h_l, w_l). Shape [h*w]."""
+    (h, w), (h_l, w_l) = grid, anchor_grid
+    rows = _axis_cell_map(h, h_l, cell_mapping, device)
+    cols = _axis_cell_map(w, w_l, cell_mapping, device)
+    return (rows[:, None] * w_l + cols[None, :]).reshape(-1)
+
+
+def _occupied_cell_count(grid: tuple[int, int], anchor_grid: tuple[int, int], cell_mapping: str) -> int:
+    """How many latent cells receive at least one token. Computed on the host from the geometry alone (no sync)."""
+    (h, w), (h_l, w_l) = grid, anchor_grid
+    rows = _axis_cell_map(h, h_l, cell_mapping, torch.device("cpu"))
+    cols = _axis_cell_map(w, w_l, cell_mapping, torch.device("cpu"))
+    return int(rows.unique().numel()) * int(cols.unique().numel())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scores
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def latent_consistency_scores(features: torch.Tensor, anchors: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each token with the anchor of its latent cell, in fp32.
+
+    Args:
+        features: [N, D] projected ViT tokens.
+        anchors: [M, D] latent anchors.
+        cells: [N] latent cell of each token.
+    Returns:
+        [N] float32 scores in [-1, 1]; a zero vector scores 0 (F.normalize's eps, as upstream).
+    """
+    token_dirs = F.normalize(features.float(), dim=-1)
+    anchor_dirs = F.normalize(anchors.float(), dim=-1)
+    return (token_dirs * anchor_dirs.index_select(0, cells)).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selection methods (a registry so that baselines join without touching the models)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SelectionInputs:
+    """Everything a selection method may look at for one image."""
+
+    scores: torch.Tensor  # [N] float32
+    cells: torch.Tensor  # [N] long, latent cell per token
+    grid: tuple[int, int]
+    anchor_grid: tuple[int, int]
+    num_keep: int
+    occupied_cells: int
+    seed: int
+
+
+class SelectionMethod(Protocol):
+    def __call__(self, inputs: SelectionInputs) -> torch.Tensor:
+        """Return the kept local indices, LongTensor [num_keep], unique and in ascending order."""
+
+
+_METHODS: dict[str, SelectionMethod] = {}
+
+
+def register_method(name: str) -> Callable[[SelectionMethod], SelectionMethod]:
+    """Decorator adding a selection method to the registry under `name` (the value of `method=`/`g2tr_method`)."""
+
+    def decorator(fn: SelectionMethod) -> SelectionMethod:
+        _METHODS[name] = fn
+        return fn
+
+    return decorator
+
+
+def available_methods() -> list[str]:
+    """Names accepted by `reduce_tokens(method=...)`."""
+    return sorted(_METHODS)
+
+
+def _rank_descending(values: torch.Tensor) -> torch.Tensor:
+    """Indices that order `values` by (higher value, lower index): a stable descending sort."""
+    return torch.sort(values, descending=True, stable=True).indices
+
+
+@register_method("g2tr")
+def _select_g2tr(inputs: SelectionInputs) -> torch.Tensor:
+    """Official G2TR selection: the best token of the best cells as seeds, then a global top-k fill."""
+    scores, cells, k = inputs.scores, inputs.cells, inputs.num_keep
+    num_tokens = scores.numel()
+    num_cells = inputs.anchor_grid[0] * inputs.anchor_grid[1]
+
+    # Best score per cell (empty cells stay -inf), then the lowest token index reaching it: the official
+    # masked argmax returns the first maximum.
+    cell_best = torch.full((num_cells,), -math.inf, device=scores.device).scatter_reduce(
+        0, cells, scores, reduce="amax"
+    )
+    token_ids = torch.arange(num_tokens, device=scores.device)
+    is_cell_best = scores == cell_best.index_select(0, cells)
+    cell_best_token = torch.full((num_cells,), num_tokens, device=scores.device).scatter_reduce(
+        0, cells, torch.where(is_cell_best, token_ids, num_tokens), reduce="amin"
+    )
+
+    # Seeds: the `m` cells whose best token scores highest, ties to the lower token index. Ordering the cells by
+    # their best token index first and then stable-sorting by score realises that order.
+    num_seeds = min(k, inputs.occupied_cells)
+    by_token = torch.argsort(cell_best_token)
+    seed_cells = by_token.index_select(0, _rank_descending(cell_best.index_select(0, by_token))[:num_seeds])
+    seeds = cell_best_token.index_select(0, seed_cells)
+
+    # Fill: the best remaining tokens over the whole image.
+    remaining = scores.index_fill(0, seeds, -math.inf)
+    fill = _rank_descending(remaining)[: k - num_seeds]
+    return torch.sort(torch.cat([seeds, fill])).values
+
+
+@register_method("topk")
+def _select_topk(inputs: SelectionInputs) -> torch.Tensor:
+    """Plain top-k on the same cosine scores (no per-cell seeding)."""
+    return torch.sort(_rank_descending(inputs.scores)[: inputs.num_keep]).values
+
+
+@register_method("random")
+def _select_random(inputs: SelectionInputs) -> torch.Tensor:
+    """A uniformly random subset, reproducible through `seed`."""
+    generator = torch.Generator(device="cpu").manual_seed(inputs.seed)
+    chosen = torch.randperm(inputs.scores.numel(), generator=generator)[: inputs.num_keep]
+    return torch.sort(chosen).values.to(inputs.scores.device)
+
+
+@register_method("pool")
+def _select_pool(inputs: SelectionInputs) -> torch.Tensor:
+    """Uniform spatial subsampling: a regular sub-grid of at least k tokens, thinned evenly to exactly k.
+
+    The sub-grid has about the aspect ratio of the token grid; thinning takes evenly spaced entries of the sub-grid
+    in raster order, so the kept tokens stay spread over the whole image.
+    """
+    (h, w), k = inputs.grid, inputs.num_keep
+    device = inputs.scores.device
+    rows_kept = min(h, max(1, round(math.sqrt(k * h / w))))
+    cols_kept = min(w, math.ceil(k / rows_kept))
+    rows_kept = min(h, math.ceil(k / cols_kept))
+    rows = torch.linspace(0, h - 1, rows_kept, device=device).round().long()
+    cols = torch.linspace(0, w - 1, cols_kept, device=device).round().long()
+    candidates = (rows[:, None] * w + cols[None, :]).reshape(-1)
+    pick = (torch.arange(k, device=device) * candidates.numel()) // k
+    return candidates.index_select(0, pick)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Merge
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _complement(keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Ascending indices in [0, num_tokens) that are not in `keep`, shape [num_tokens - K].
+
+    A stable sort of the kept flags puts the dropped tokens first, in order, with a size known on the host (a
+    boolean mask + `nonzero` would need a device sync).
+    """
+    is_kept = torch.zeros(num_tokens, dtype=torch.uint8, device=keep.device).index_fill_(0, keep, 1)
+    return torch.argsort(is_kept, stable=True)[: num_tokens - keep.numel()]
+
+
+def _assign_to_kept(features: torch.Tensor, keep: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """For every token, the row of `keep` it ends in: itself if kept, else its most cosine-similar kept token.
+
+    Ties go to the first (lowest-index) kept token, as `argmax` does upstream. Shape [N].
+    """
+    directions = F.normalize(features.float(), dim=-1)
+    similarity = directions.index_select(0, dropped) @ directions.index_select(0, keep).T  # [N-K, K]
+    assignment = torch.empty(features.shape[0], dtype=torch.long, device=features.device)
+    assignment[keep] = torch.arange(keep.numel(), device=features.device)
+    assignment[dropped] = similarity.argmax(dim=-1)
+    return assignment
+
+
+def _segment_sum(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Sum rows of `values` [R, ...] into `num_segments` buckets given by `segment` [R], in a fixed order.
+
+    Rows are sorted by bucket (stable) and reduced with `segment_reduce`, which sums each bucket sequentially, so
+    the result does not depend on atomics (the official `scatter_add_` does).
+    """
+    order = torch.argsort(segment, stable=True)
+    lengths = torch.bincount(segment, minlength=num_segments)
+    return torch.segment_reduce(values.index_select(0, order), "sum", lengths=lengths, axis=0, unsafe=True)
+
+
+def _merge_groups(
+    values: torch.Tensor, keep: torch.Tensor, dropped: torch.Tensor, assignment: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Weighted group means: (scaling * kept + sum of its dropped tokens) / (scaling + count), fp32, cast back.
+
+    A kept token that absorbs nothing is returned bit for bit. Shape [K, ...].
+    """
+    kept = values.index_select(0, keep)
+    if dropped.numel() == 0:
+        return kept
+    targets = assignment.index_select(0, dropped)
+    sums = _segment_sum(values.index_select(0, dropped).float(), targets, keep.numel())
+    counts = torch.bincount(targets, minlength=keep.numel()).to(torch.float32)
+    counts = counts.reshape(-1, *([1] * (values.dim() - 1)))
+    merged = ((scaling * kept.float() + sums) / (scaling + counts)).to(values.dtype)
+    return torch.where(counts > 0, merged, kept)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan and the public entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReductionResult:
+    """The reduction of one image: a plan (which tokens stay, where every token went) and its merged tokens.
+
+    Attributes:
+        keep: LongTensor [K], kept local indices in ascending order.
+        tokens: [K, D] merged tokens in the input dtype (`features[keep]` when merging is off).
+        scores: [N] float32 latent-consistency scores.
+        assignment: LongTensor [N], the row of `tokens` each input token ended in (kept tokens map to themselves;
+            with merging off, dropped tokens map to the kept token they would have merged into).
+        merged: whether `tokens` were merged.
+        merge_scaling: weight of a kept token in its group mean.
+    """
+
+    keep: torch.Tensor
+    tokens: torch.Tensor
+    scores: torch.Tensor
+    assignment: torch.Tensor
+    merged: bool = True
+    merge_scaling: float = 1.0
+
+    @property
+    def num_kept(self) -> int:
+        return int(self.keep.numel())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.assignment.numel())
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        """LongTensor [N-K], dropped local indices in ascending order."""
+        return _complement(self.keep, self.num_tokens)
+
+    def merge(self, values: torch.Tensor) -> torch.Tensor:
+        """Apply this plan to another per-token tensor `values` [N, ...] -> [K, ...] (group means, or a gather
+        when merging was off)."""
+        if values.shape[0] != self.num_tokens:
+            raise ValueError(f"`values` must have {self.num_tokens} rows (one per token), got {values.shape[0]}.")
+        if not self.merged or self.num_kept == self.num_tokens:
+            return values.index_select(0, self.keep)
+        return _merge_groups(values, self.keep, self.dropped, self.assignment, self.merge_scaling)
+
+    def unmerge(self, values: torch.Tensor) -> torch.Tensor:
+        """Spread per-kept-token `values` [K, ...] back over all N tokens: row t gets the row of its group."""
+        if values.shape[0] != self.num_kept:
+            raise ValueError(f"`values` must have {self.num_kept} rows (one per kept token), got {values.shape[0]}.")
+        return values.index_select(0, self.assignment)
+
+
+def _check_grid(name: str, grid: object) -> tuple[int, int]:
+    if (
+        not isinstance(grid, (tuple, list, torch.Size))
+        or len(grid) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)
+    ):
+        raise ValueError(f"`{name}` must be a pair of positive integers (height, width), got {grid!r}.")
+    return int(grid[0]), int(grid[1])
+
+
+def _check_inputs(features, grid, anchors, anchor_grid) -> tuple[tuple[int, int], tuple[int, int]]:
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
+        raise ValueError(
+            "`features` must be a floating-point tensor of shape [num_tokens, dim], got "
+            f"{type(features).__name__} {tuple(getattr(features, 'shape', ()))}."
+        )
+    if not isinstance(anchors, torch.Tensor) or anchors.dim() != 2 or not anchors.is_floating_point():
+        raise ValueError(
+            "`anchors` must be a floating-point tensor of shape [num_cells, dim], got "
+            f"{type(anchors).__name__} {tuple(getattr(anchors, 'shape', ()))}."
+        )
+    grid = _check_grid("grid", grid)
+    anchor_grid = _check_grid("anchor_grid", anchor_grid)
+    if grid[0] * grid[1] != features.shape[0]:
+        raise ValueError(
+            f"`grid` {grid} holds {grid[0] * grid[1]} tokens but `features` has {features.shape[0]} rows."
+        )
+    if anchor_grid[0] * anchor_grid[1] != anchors.shape[0]:
+        raise ValueError(
+            f"`anchor_grid` {anchor_grid} holds {anchor_grid[0] * anchor_grid[1]} cells but `anchors` has "
+            f"{anchors.shape[0]} rows."
+        )
+    if features.shape[1] != anchors.shape[1]:
+        raise ValueError(
+            f"`features` and `anchors` must have the same feature dimension, got {features.shape[1]} and "
+            f"{anchors.shape[1]} (project the anchors into the feature space first)."
+        )
+    if anchors.device != features.device:
+        raise ValueError(f"`anchors` are on {anchors.device} but `features` are on {features.device}.")
+    return grid, anchor_grid
+
+
+def _raise_non_finite(features: torch.Tensor, anchors: torch.Tensor) -> None:
+    name = "features" if not torch.isfinite(features).all() else "anchors"
+    raise ValueError(f"`{name}` contains non-finite values (NaN or inf); scores must be finite.")
+
+
+def reduce_tokens(
+    features: torch.Tensor,
+    grid: tuple[int, int],
+    anchors: torch.Tensor,
+    anchor_grid: tuple[int, int],
+    *,
+    ratio: float,
+    min_keep: int = 1,
+    method: str = "g2tr",
+    merge: bool = True,
+    merge_scaling: float = 1.0,
+    cell_mapping: str = "corner",
+    seed: int = 0,
+) -> ReductionResult:
+    """Reduce the tokens of ONE image with G2TR (or another registered method).
+
+    Args:
+        features: [N, D] projected ViT tokens, row-major on `grid`.
+        grid: (h, w) with h * w == N.
+        anchors: [M, D] latent anchors, row-major on `anchor_grid`.
+        anchor_grid: (h_l, w_l) with h_l * w_l == M.
+        ratio: keep ratio in (0, 1]; K = keep_count(N, ratio, min_keep).
+        min_keep: lower bound on K.
+        method: a key of `available_methods()`.
+        merge: average each dropped token into its most similar kept token (else plain pruning).
+        merge_scaling: weight of the kept token in the average.
+        cell_mapping: "corner" (official: the cell holding the token's top-left corner) or "center".
+        seed: seed of the "random" method.
+    Returns:
+        `ReductionResult` with keep [K], tokens [K, D], scores [N], assignment [N].
+    """
+    validate_reduction_options(
+        ratio=ratio, min_keep=min_keep, method=method, merge_scaling=merge_scaling, cell_mapping=cell_mapping
+    )
+    grid, anchor_grid = _check_inputs(features, grid, anchors, anchor_grid)
+    num_tokens = features.shape[0]
+    cells = latent_cell_index(grid, anchor_grid, cell_mapping, device=features.device)
+    scores = latent_consistency_scores(features, anchors, cells)
+    if not torch.isfinite(scores).all():
+        _raise_non_finite(features, anchors)
+
+    num_keep = keep_count(num_tokens, ratio, min_keep)
+    if num_keep == num_tokens:
+        everything = torch.arange(num_tokens, device=features.device)
+        return ReductionResult(everything, features, scores, everything.clone(), merge, float(merge_scaling))
+
+    inputs = SelectionInputs(
+        scores=scores,
+        cells=cells,
+        grid=grid,
+        anchor_grid=anchor_grid,
+        num_keep=num_keep,
+        occupied_cells=_occupied_cell_count(grid, anchor_grid, cell_mapping),
+        seed=seed,
+    )
+    keep = _METHODS[method](inputs)
+    dropped = _complement(keep, num_tokens)
+    assignment = _assign_to_kept(features, keep, dropped)
+    tokens = (
+        _merge_groups(features, keep, dropped, assignment, float(merge_scaling))
+        if merge
+        else features.index_select(0, keep)
+    )
+    return ReductionResult(keep, tokens, scores, assignment, merge, float(merge_scaling))
+
+
+def reduce_tokens_batched(
+    features: Sequence[torch.Tensor],
+    grids: Sequence[tuple[int, int]],
+    anchors: Sequence[torch.Tensor],
+    anchor_grids: Sequence[tuple[int, int]],
+    **kwargs,
+) -> list[ReductionResult]:
+    """`reduce_tokens` over several images of different sizes; each image is reduced on its own (no token is
+    ever merged across images, tiles, batch rows or CFG branches).
+
+    Args:
+        features: one [N_i, D] tensor per image. `grids`, `anchors`, `anchor_grids`: one entry per image.
+        **kwargs: the keyword options of `reduce_tokens`.
+    """
+    lengths = {len(features), len(grids), len(anchors), len(anchor_grids)}
+    if len(lengths) != 1:
+        raise ValueError(
+            "`features`, `grids`, `anchors` and `anchor_grids` must have one entry per image, got lengths "
+            f"{len(features)}, {len(grids)}, {len(anchors)}, {len(anchor_grids)}."
+        )
+    return [
+        reduce_tokens(f, g, a, ag, **kwargs) for f, g, a, ag in zip(features, grids, anchors, anchor_grids)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent anchors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _patchify(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[C, H, W] -> [H/p, W/p, p*p*C], each patch flattened in (p_row, p_col, channel) order (BAGEL's order)."""
+    channels, height, width = latents.shape
+    p = patch_size
+    patches = latents.reshape(channels, height // p, p, width // p, p)
+    return patches.permute(1, 3, 2, 4, 0).reshape(height // p, width // p, p * p * channels)
+
+
+def _ragged_mean_pool(grid_values: torch.Tensor, pool: int) -> torch.Tensor:
+    """Non-overlapping pool x pool mean over a [h, w, D] grid; edge blocks cut short are averaged over their own
+    size. Returns [ceil(h/pool), ceil(w/pool), D], accumulated in fp32 and cast back."""
+    height, width, dim = grid_values.shape
+    out_h, out_w = -(-height // pool), -(-width // pool)
+    padded = grid_values.float().new_zeros(out_h * pool, out_w * pool, dim)
+    padded[:height, :width] = grid_values.float()
+    sums = padded.reshape(out_h, pool, out_w, pool, dim).sum(dim=(1, 3))
+    rows = torch.full((out_h,), pool, dtype=torch.float32, device=grid_values.device)
+    cols = torch.full((out_w,), pool, dtype=torch.float32, device=grid_values.device)
+    rows[-1] = height - (out_h - 1) * pool
+    cols[-1] = width - (out_w - 1) * pool
+    return (sums / (rows[:, None, None] * cols[None, :, None])).to(grid_values.dtype)
+
+
+def interpolate_channels(values: torch.Tensor, out_dim: int) -> torch.Tensor:
+    """Parameter-free linear interpolation along the channel axis (InternVL-U's latent -> LLM-width map).
+
+    Output channel j reads `src = max(0, (j + 0.5) * C / out_dim - 0.5)` between channels floor(src) and the next
+    (`F.interpolate(mode="linear", align_corners=False)`), computed in fp32 and cast back.
+
+    Args:
+        values: [M, C]. out_dim: the target width.
+    Returns:
+        [M, out_dim] in the dtype of `values` (unchanged when C == out_dim).
+    """
+    if values.shape[-1] == out_dim:
+        return values
+    resized = F.interpolate(values.float().unsqueeze(1), size=out_dim, mode="linear", align_corners=False)
+    return resized.squeeze(1).to(values.dtype)
+
+
+def build_latent_anchors(
+    latents: torch.Tensor,
+    *,
+    patch_size: int = 1,
+    pool: int = 1,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Anchors of one image from its VAE latent: patchify -> ragged mean pool -> optional projection.
+
+    Args:
+        latents: [C, H, W] latent of ONE image, already cropped to that image's own size (batch padding would
+            shift the anchors of smaller images).
+        patch_size: p; BAGEL patchifies 2 x 2 (64-d tokens), InternVL-U uses 1.
+        pool: pooling factor on the patch grid (`g2tr_latent_pool`); 1 means none.
+        project: maps [M, p*p*C] to the feature space, e.g. BAGEL's `vae2llm` or
+            `functools.partial(interpolate_channels, out_dim=hidden)`. Pooling first and projecting second is the
+            official order (and, for an affine map, equal to the reverse).
+    Returns:
+        (anchors [M, D], (h_l, w_l)) with M = h_l * w_l, row-major.
+    """
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 3:
+        raise ValueError(
+            f"`latents` must be a tensor of shape [channels, height, width], got {tuple(getattr(latents, 'shape', ()))}."
+        )
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"`patch_size` must be an integer >= 1, got {patch_size!r}.")
+    if not isinstance(pool, int) or pool < 1:
+        raise ValueError(f"`pool` must be an integer >= 1, got {pool!r}.")
+    _, height, width = latents.shape
+    if height % patch_size or width % patch_size or height == 0 or width == 0:
+        raise ValueError(
+            f"`latents` spatial size {height}x{width} must be a non-zero multiple of `patch_size`={patch_size}."
+        )
+    grid_values = _patchify(latents, patch_size)
+    if pool > 1:
+        grid_values = _ragged_mean_pool(grid_values, pool)
+    anchor_grid = (grid_values.shape[0], grid_values.shape[1])
+    anchors = grid_values.reshape(-1, grid_values.shape[-1])
+    if project is not None:
+        anchors = project(anchors)
+    return anchors, anchor_grid

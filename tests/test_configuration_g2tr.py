@@ -1,0 +1,43 @@
+import pytest
+
+from g2tr_hf import G2TRConfig
+
+
+def test_defaults_and_round_trip(tmp_path):
+    config = G2TRConfig()
+    assert (config.g2tr_ratio, config.g2tr_min_keep, config.g2tr_method) == (1.0, 32, "g2tr")
+    assert (config.g2tr_latent_pool, config.g2tr_merge, config.g2tr_merge_scaling) == (2, True, 1.0)
+    assert config.g2tr_cell_mapping == "corner"
+    G2TRConfig(g2tr_ratio=0.5, g2tr_method="topk").save_pretrained(tmp_path)
+    loaded = G2TRConfig.from_pretrained(tmp_path)
+    assert loaded.g2tr_ratio == 0.5 and loaded.g2tr_method == "topk"
+
+
+def test_loading_kwarg_reaches_the_config(tmp_path):
+    G2TRConfig().save_pretrained(tmp_path)
+    config, unused = G2TRConfig.from_pretrained(tmp_path, g2tr_ratio=0.5, return_unused_kwargs=True)
+    assert config.g2tr_ratio == 0.5 and unused == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"g2tr_ratio": 0.0}, "g2tr_ratio"),
+        ({"g2tr_ratio": 2}, "g2tr_ratio"),
+        ({"g2tr_min_keep": 0}, "g2tr_min_keep"),
+        ({"g2tr_method": "nope"}, "g2tr_method"),
+        ({"g2tr_latent_pool": 0}, "g2tr_latent_pool"),
+        ({"g2tr_merge_scaling": -1.0}, "g2tr_merge_scaling"),
+        ({"g2tr_cell_mapping": "area"}, "g2tr_cell_mapping"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        G2TRConfig(**kwargs)
+
+
+def test_override_after_construction_is_caught_by_validate():
+    config = G2TRConfig()
+    config.g2tr_ratio = 1.5  # what a from_pretrained kwarg does: assigned after __post_init__
+    with pytest.raises(ValueError, match="`g2tr_ratio`"):
+        config.validate_g2tr()

@@ -1,0 +1,176 @@
+"""Hub-ready folders: remote code + `auto_map` + weights + processor + model card, written atomically.
+
+A folder written by `export` loads with `trust_remote_code=True` on a machine where g2tr_hf is NOT installed:
+the flat module files are copied next to the weights and `auto_map` points AutoConfig, AutoModel,
+AutoModelForImageTextToText and AutoProcessor at them (transformers only records the class of the object being
+saved, so the other entries are filled in here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from string import Template
+from typing import Iterable, Iterator
+
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["atomic_directory", "export", "model_auto_map", "push_to_hub", "remote_code_files", "render_model_card"]
+
+# The Auto classes a g2tr_hf model folder maps; AutoModel deliberately returns the full generation-capable model.
+MODEL_AUTO_CLASSES = ("AutoModel", "AutoModelForImageTextToText")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to fill; it becomes `path` only if the block finishes without error.
+
+    A failure (or an interrupt) removes the temporary folder, so `path` is never left half-written. With
+    `overwrite=True` an existing `path` is replaced; otherwise an existing non-empty `path` is an error.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"`path` {str(target)!r} exists and is not a directory.")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"`path` {str(target)!r} exists and is not empty; pass overwrite=True to replace it.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            # Move the old folder aside first so that `target` is always either the old or the new content.
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _module_file(cls: type) -> Path:
+    module = sys.modules[cls.__module__]
+    if module.__name__ == "__main__" or not getattr(module, "__file__", None):
+        raise ValueError(f"{cls.__name__} must be defined in an importable module file to be shipped as remote code.")
+    return Path(module.__file__)
+
+
+def remote_code_files(classes: Iterable[type]) -> list[Path]:
+    """The module files of `classes` and every sibling they import (recursively), without duplicates."""
+    files: dict[Path, None] = {}
+    for cls in classes:
+        main_file = _module_file(cls)
+        files[main_file] = None
+        for extra in get_relative_import_files(main_file):
+            files[Path(extra)] = None
+    return list(files)
+
+
+def _class_ref(cls: type) -> str:
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
+def model_auto_map(config_class: type, model_class: type, processor_class: type | None = None) -> dict[str, str]:
+    """`auto_map` entries for config.json (module.Class references resolved inside the folder)."""
+    auto_map = {"AutoConfig": _class_ref(config_class)}
+    auto_map.update({name: _class_ref(model_class) for name in MODEL_AUTO_CLASSES})
+    if processor_class is not None:
+        auto_map["AutoProcessor"] = _class_ref(processor_class)
+    return auto_map
+
+
+def render_model_card(template: str | Path, **fields: object) -> str:
+    """Fill a model card template (`$name` placeholders, `string.Template`): a `Path` to read, or the text itself.
+
+    A placeholder without a value is an error so that no card ships with a hole in it.
+    """
+    text = template.read_text(encoding="utf-8") if isinstance(template, Path) else template
+    try:
+        return Template(text).substitute({k: str(v) for k, v in fields.items()})
+    except KeyError as missing:
+        raise ValueError(f"model card template needs a value for {missing.args[0]!r}.") from None
+
+
+def _default_model_card(model) -> str:
+    return (
+        "---\n"
+        "library_name: transformers\n"
+        "pipeline_tag: image-text-to-text\n"
+        "tags: [custom_code, g2tr, token-reduction, multimodal]\n"
+        "---\n\n"
+        f"# {type(model).__name__} with G2TR token reduction\n\n"
+        "```python\n"
+        "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+        'model = AutoModelForImageTextToText.from_pretrained(REPO, trust_remote_code=True, g2tr_ratio=0.5)\n'
+        "processor = AutoProcessor.from_pretrained(REPO, trust_remote_code=True)\n"
+        "```\n"
+    )
+
+
+def export(
+    model,
+    processor,
+    path: str | os.PathLike,
+    *,
+    model_card: str | None = None,
+    overwrite: bool = False,
+    safe_serialization: bool = True,
+) -> Path:
+    """Write a folder that loads with `trust_remote_code=True` where g2tr_hf is not installed.
+
+    Args:
+        model: a g2tr_hf model (its config class, model class and their sibling modules become remote code).
+        processor: the model's processor (saved with its own `auto_map`).
+        path: the folder to write; written atomically.
+        model_card: the README.md text (see `render_model_card`); a short generic card when None.
+        overwrite: replace an existing folder.
+    Returns:
+        The folder path.
+    """
+    config = model.config
+    config.auto_map = model_auto_map(type(config), type(model), type(processor) if processor is not None else None)
+    with atomic_directory(path, overwrite=overwrite) as staging:
+        model.save_pretrained(staging, safe_serialization=safe_serialization)
+        if processor is not None:
+            processor.save_pretrained(staging)
+        classes = [type(config), type(model)] + ([type(processor)] if processor is not None else [])
+        for source in remote_code_files(classes):
+            shutil.copy2(source, staging / source.name)
+        (staging / "README.md").write_text(model_card or _default_model_card(model), encoding="utf-8")
+    logger.info("Exported %s to %s", type(model).__name__, path)
+    return Path(path)
+
+
+def push_to_hub(
+    model,
+    processor,
+    repo_id: str,
+    *,
+    model_card: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload G2TR model (g2tr-hf export)",
+    api=None,
+):
+    """Export to a temporary folder and upload it as `repo_id` (created if needed). Returns the commit info.
+
+    `api` defaults to `huggingface_hub.HfApi(token=token)`; tests pass a fake.
+    """
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = export(model, processor, Path(scratch) / "export", model_card=model_card)
+        api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)

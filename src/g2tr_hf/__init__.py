@@ -1,6 +1,21 @@
-"""g2tr-hf: G2TR generation-guided visual token reduction for unified multimodal models, on transformers."""
+"""g2tr-hf: G2TR generation-guided visual token reduction for unified multimodal models, on transformers.
+
+Importing the package registers its configurations, models and processors with the transformers Auto classes, so
+that `AutoModel.from_pretrained(path, g2tr_ratio=0.5)` works for a local folder without `trust_remote_code`.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .configuration_g2tr import G2TRConfig
+from .configuration_internvlu import G2TRInternVLUConfig
+from .modeling_internvlu import G2TRInternVLUForConditionalGeneration
+from .processing_internvlu import G2TRInternVLUImageProcessor, G2TRInternVLUProcessor
 from .reduction import (
     ReductionResult,
     available_methods,
@@ -12,15 +27,35 @@ from .reduction import (
     reduce_tokens_batched,
     register_method,
 )
+from .tiny import build_tiny
 
 
 __version__ = "0.1.0.dev0"
 
+
+def _register_auto_classes(config_class, model_class, processor_class, image_processor_class) -> None:
+    # AutoModel returns the full generation-capable model: that is the call our users write.
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)
+    AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
+    AutoProcessor.register(config_class, processor_class, exist_ok=True)
+    AutoImageProcessor.register(config_class, image_processor_classes={"pil": image_processor_class}, exist_ok=True)
+
+
+_register_auto_classes(
+    G2TRInternVLUConfig, G2TRInternVLUForConditionalGeneration, G2TRInternVLUProcessor, G2TRInternVLUImageProcessor
+)
+
 __all__ = [
     "G2TRConfig",
+    "G2TRInternVLUConfig",
+    "G2TRInternVLUForConditionalGeneration",
+    "G2TRInternVLUImageProcessor",
+    "G2TRInternVLUProcessor",
     "ReductionResult",
     "available_methods",
     "build_latent_anchors",
+    "build_tiny",
     "interpolate_channels",
     "keep_count",
     "latent_cell_index",

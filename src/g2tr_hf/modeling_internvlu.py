@@ -1,0 +1,796 @@
+"""InternVL-U understanding (InternViT-300M -> pixel shuffle -> `mlp1` -> Qwen3) with G2TR visual token reduction.
+
+The module tree keeps the parameter names of the official `vlm/` checkpoint (`InternVLUChatModel`, 658 tensors), so
+its safetensors load without any renaming:
+
+    vision_model.embeddings.{class_embedding, patch_embedding.{weight,bias}, position_embedding}
+    vision_model.encoder.layers.{i}.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2, norm1, norm2, ls1, ls2}
+    mlp1.{0,1,3}.{weight,bias}
+    special_token_embedding.weight
+    language_model.model.*            (transformers' Qwen3ForCausalLM)
+    language_model.lm_head.weight
+    vae.*                             (diffusers' AutoencoderKLQwenImage; from the checkpoint's `vae/` folder)
+
+G2TR (arXiv 2605.12309) sits after `mlp1` and before the LLM prefill: the 256 tokens of every 448x448 image are
+scored against the image's own Qwen-Image VAE latent (posterior mode, `latents_mean`/`latents_std` normalised,
+pooled `g2tr_latent_pool` x `g2tr_latent_pool`, widened to the LLM width by the parameter-free channel
+interpolation), K of them are kept and the others merged into them. The processor always emits 256 `<IMG_CONTEXT>`
+per image; the model removes the 256 - K slots of the dropped tokens from the sequence and left-pads the rows
+again, so the KV cache holds K + 2 entries per image (`<img>`, K tokens, `</img>`). `generate()` keeps returning
+the caller's full `input_ids` followed by the new tokens; the shorter cache is tracked through a compacted
+attention mask carried between decoding steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel, Qwen3ForCausalLM
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+from transformers.utils.import_utils import is_diffusers_available
+
+from .configuration_internvlu import SPECIAL_TOKENS, G2TRInternViTConfig, G2TRInternVLUConfig
+from .reduction import (
+    ReductionResult,
+    build_latent_anchors,
+    interpolate_channels,
+    keep_count,
+    reduce_tokens,
+    validate_reduction_options,
+)
+
+
+if is_diffusers_available():
+    from diffusers import AutoencoderKLQwenImage
+else:
+    AutoencoderKLQwenImage = None
+
+
+logger = logging.get_logger(__name__)
+
+# Images per VAE encode call when building anchors (the official `umm_vae_encode_max_bs`).
+_VAE_ENCODE_CHUNK = 32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# InternViT
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class InternViTRMSNorm(nn.Module):
+    """RMSNorm used by InternViT variants with `norm_type="rms_norm"` or `qk_normalization=True`."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def _make_norm(config: G2TRInternViTConfig) -> nn.Module:
+    if config.norm_type == "rms_norm":
+        return InternViTRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class InternViTEmbeddings(nn.Module):
+    """Patchify (Conv2d), prepend the class embedding, add the learned position table.
+
+    The position table is stored for the `image_size // patch_size` grid; other grids get a bicubic resize of it
+    (in fp32, as upstream). At the trained size the table is used as is (the resize would be the identity).
+    """
+
+    def __init__(self, config: G2TRInternViTConfig):
+        super().__init__()
+        self.embed_dim = config.hidden_size
+        self.patch_size = config.patch_size
+        self.trained_grid = config.image_size // config.patch_size
+        self.class_embedding = nn.Parameter(torch.empty(1, 1, self.embed_dim))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, self.embed_dim, kernel_size=self.patch_size, stride=self.patch_size
+        )
+        self.position_embedding = nn.Parameter(torch.empty(1, self.trained_grid**2 + 1, self.embed_dim))
+
+    def _grid_positions(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """Position embeddings of the patch grid (height, width): [1, height * width, D]."""
+        table = self.position_embedding[:, 1:]
+        if (height, width) == (self.trained_grid, self.trained_grid):
+            return table.to(dtype)
+        table = table.float().reshape(1, self.trained_grid, self.trained_grid, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=(height, width), mode="bicubic", align_corners=False)
+        return table.flatten(2).transpose(1, 2).to(dtype)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, H, W] -> embeddings [N, 1 + (H/p)*(W/p), D]."""
+        dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.to(dtype))  # [N, D, H/p, W/p]
+        batch_size, _, height, width = patches.shape
+        patches = patches.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(dtype).expand(batch_size, 1, -1)
+        positions = torch.cat(
+            [self.position_embedding[:, :1].to(dtype), self._grid_positions(height, width, dtype)], dim=1
+        )
+        return torch.cat([cls, patches], dim=1) + positions
+
+
+def eager_vit_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain bidirectional softmax attention. q, k, v: [B, H, S, Dh] -> ([B, S, H, Dh], weights [B, H, S, S])."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class InternViTAttention(nn.Module):
+    """Multi-head self-attention with the fused `qkv` projection of the checkpoint (no mask, not causal)."""
+
+    def __init__(self, config: G2TRInternViTConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.is_causal = False
+        self.attention_dropout = config.attention_dropout
+        self.qkv = nn.Linear(self.embed_dim, 3 * self.embed_dim, bias=config.qkv_bias)
+        self.qk_normalization = config.qk_normalization
+        if self.qk_normalization:
+            self.q_norm = InternViTRMSNorm(self.embed_dim, eps=config.layer_norm_eps)
+            self.k_norm = InternViTRMSNorm(self.embed_dim, eps=config.layer_norm_eps)
+        self.proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.proj_drop = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, seq_len, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.unbind(2)  # each [B, S, H, Dh]
+        if self.qk_normalization:
+            query = self.q_norm(query.flatten(2)).view_as(query)
+            key = self.k_norm(key.flatten(2)).view_as(key)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+
+        attention_interface: Callable = eager_vit_attention
+        if self.config._attn_implementation not in (None, "eager"):
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scale,
+            is_causal=False,
+        )
+        output = output.reshape(batch_size, seq_len, self.embed_dim)
+        return self.proj_drop(self.proj(output))
+
+
+class InternViTMLP(nn.Module):
+    def __init__(self, config: G2TRInternViTConfig):
+        super().__init__()
+        self.act = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class InternViTLayer(nn.Module):
+    """Pre-norm residual block with LayerScale: h += ls1 * attn(norm1(h)); h += ls2 * mlp(norm2(h)).
+
+    Stochastic depth is a training-time no-op, so unlike upstream no drop-path schedule is computed here (upstream
+    calls `.item()` on a `linspace` in `__init__`, which crashes under transformers 5's meta-device init).
+    """
+
+    def __init__(self, config: G2TRInternViTConfig):
+        super().__init__()
+        self.attn = InternViTAttention(config)
+        self.mlp = InternViTMLP(config)
+        self.norm1 = _make_norm(config)
+        self.norm2 = _make_norm(config)
+        self.ls1 = nn.Parameter(torch.empty(config.hidden_size))
+        self.ls2 = nn.Parameter(torch.empty(config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states).to(hidden_states.dtype)) * self.ls1
+        hidden_states = hidden_states + self.mlp(self.norm2(hidden_states).to(hidden_states.dtype)) * self.ls2
+        return hidden_states
+
+
+class InternViTEncoder(nn.Module):
+    def __init__(self, config: G2TRInternViTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([InternViTLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+        """Run the first `num_layers` layers (all by default). [N, S, D] -> [N, S, D]."""
+        for layer in self.layers[:num_layers]:
+            hidden_states = layer(hidden_states)
+        return hidden_states
+
+
+class InternViTModel(nn.Module):
+    """InternViT without a final norm. Returns the hidden states after layer `select_layer` (CLS included)."""
+
+    def __init__(self, config: G2TRInternViTConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = InternViTEmbeddings(config)
+        self.encoder = InternViTEncoder(config)
+
+    def forward(self, pixel_values: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
+        """pixel_values [N, 3, H, W] -> [N, 1 + (H/p)*(W/p), D].
+
+        `select_layer` indexes the sequence (embeddings, layer 1, ..., layer L) as upstream's `hidden_states`, so
+        -1 is the last layer; only the layers up to the selected one are run.
+        """
+        num_states = len(self.encoder.layers) + 1
+        if not -num_states <= select_layer < num_states:
+            raise ValueError(f"`select_layer` must index one of {num_states} ViT states, got {select_layer}.")
+        return self.encoder(self.embeddings(pixel_values), num_layers=select_layer % num_states)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pixel shuffle, projector, VAE
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pixel_shuffle(features: torch.Tensor, downsample_ratio: float = 0.5) -> torch.Tensor:
+    """Space-to-depth on a token grid, InternVL's `pixel_shuffle_v2` (= transformers' `InternVLModel.pixel_shuffle`).
+
+    Output cell (i, j) concatenates the inputs at rows r*i .. r*i + r-1 and columns r*j .. r*j + r-1 (r = 1 /
+    downsample_ratio) in (row offset, column offset, channel) order; that order is what `mlp1.1` was trained on.
+
+    Args:
+        features: [N, h, w, C] row-major grid.
+    Returns:
+        [N, h/r, w/r, r*r*C].
+    """
+    factor = int(round(1.0 / downsample_ratio))
+    batch, height, width, channels = features.shape
+    if height % factor or width % factor:
+        raise ValueError(f"The ViT grid {height}x{width} must be divisible by 1/downsample_ratio = {factor}.")
+    features = features.reshape(batch, height // factor, factor, width // factor, factor, channels)
+    features = features.permute(0, 1, 3, 2, 4, 5)
+    return features.reshape(batch, height // factor, width // factor, factor * factor * channels)
+
+
+def build_projector(config: G2TRInternVLUConfig) -> nn.Sequential:
+    """`mlp1`: LayerNorm -> Linear -> GELU -> Linear, indexed 0..3 as in the checkpoint (`mlp1.2` has no weights)."""
+    in_dim = config.vision_config.hidden_size * int(round(1.0 / config.downsample_ratio)) ** 2
+    out_dim = config.text_config.hidden_size
+    return nn.Sequential(
+        nn.LayerNorm(in_dim, eps=config.projector_layer_norm_eps),
+        nn.Linear(in_dim, out_dim),
+        ACT2FN[config.projector_hidden_act],
+        nn.Linear(out_dim, out_dim),
+    )
+
+
+def build_qwen_image_vae(vae_config: dict) -> nn.Module:
+    """The Qwen-Image VAE from its diffusers config (private `_...` keys of a saved config are ignored)."""
+    if AutoencoderKLQwenImage is None:
+        raise ImportError("`vae_config` is set but diffusers is not installed: `pip install diffusers`.")
+    kwargs = {k: v for k, v in vae_config.items() if not k.startswith("_")}
+    return AutoencoderKLQwenImage(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequence bookkeeping helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of every column of a left-padded 2-D mask: 0, 1, ... over the real tokens, 0 on padding. [B, L]."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+@dataclass
+class CompactedSequences:
+    """Rows of a batch after the positions of dropped visual tokens were removed, left-padded again."""
+
+    inputs_embeds: torch.Tensor  # [B, L', D]
+    attention_mask: torch.Tensor  # [B, L']
+    position_ids: torch.Tensor  # [B, L']
+    labels: torch.Tensor | None  # [B, L'] (-100 on padding)
+
+
+def remove_positions(
+    drop: torch.Tensor,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+) -> CompactedSequences:
+    """Delete the positions flagged in `drop` [B, L] (and padding) from every row, then left-pad to the longest row.
+
+    Vectorised: every retained token gets its destination column from a cumulative sum over its row.
+    """
+    batch, length = drop.shape
+    retain = ~drop if attention_mask is None else attention_mask.to(drop.device).bool() & ~drop
+    lengths = retain.sum(dim=-1)
+    new_length = int(lengths.max())
+    destination = (new_length - lengths)[:, None] + retain.long().cumsum(dim=-1) - 1
+    rows = torch.arange(batch, device=drop.device)[:, None].expand(batch, length)
+    row_index, column_index = rows[retain], destination[retain]
+
+    embeds = inputs_embeds.new_zeros(batch, new_length, inputs_embeds.shape[-1])
+    embeds[row_index, column_index] = inputs_embeds[retain]
+    mask_dtype = attention_mask.dtype if attention_mask is not None else torch.long
+    mask = torch.zeros(batch, new_length, dtype=mask_dtype, device=drop.device)
+    mask[row_index, column_index] = 1
+    new_labels = None
+    if labels is not None:
+        new_labels = labels.new_full((batch, new_length), -100)
+        new_labels[row_index.to(labels.device), column_index.to(labels.device)] = labels[retain.to(labels.device)]
+    return CompactedSequences(embeds, mask, positions_from_mask(mask), new_labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class G2TRInternVLUCausalLMOutputWithPast(ModelOutput):
+    r"""
+    Output of [`G2TRInternVLUForConditionalGeneration`].
+
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token loss when `labels` are given.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length', vocab_size)`): with reduction on, the
+        sequence is the compacted one (`sequence_length' <= sequence_length`).
+    past_key_values (`Cache`, *optional*): the KV cache (K + 2 entries per image).
+    hidden_states, attentions: as in transformers' causal LMs.
+    image_hidden_states (`torch.FloatTensor` of shape `(num_images, 256, hidden_size)`, *optional*): the `mlp1`
+        outputs before reduction.
+    reduced_attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length')`, *optional*): the
+        attention mask of the compacted sequence; set only when visual tokens were removed.
+    reduction (`list[ReductionResult]`, *optional*): the G2TR plan of every image (kept indices, scores,
+        assignment), in image order; set only when the reduction ran.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    reduced_attention_mask: torch.LongTensor | None = None
+    reduction: list[ReductionResult] | None = None
+
+
+class G2TRInternVLUPreTrainedModel(PreTrainedModel):
+    config: G2TRInternVLUConfig
+    config_class = G2TRInternVLUConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["InternViTLayer", "Qwen3DecoderLayer", "AutoencoderKLQwenImage"]
+    _skip_keys_device_placement = "past_key_values"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        vision_config = self.config.vision_config
+        if isinstance(module, InternViTEmbeddings):
+            init.normal_(module.class_embedding, mean=0.0, std=vision_config.initializer_range)
+            init.normal_(module.position_embedding, mean=0.0, std=vision_config.initializer_range)
+        elif isinstance(module, InternViTLayer):
+            init.constant_(module.ls1, vision_config.initializer_factor)
+            init.constant_(module.ls2, vision_config.initializer_factor)
+
+
+class G2TRInternVLUForConditionalGeneration(G2TRInternVLUPreTrainedModel, GenerationMixin):
+    """InternVL-U understanding with G2TR. See the module docstring for the checkpoint layout and the reduction."""
+
+    _tied_weights_keys = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
+
+    def __init__(self, config: G2TRInternVLUConfig):
+        super().__init__(config)
+        config.validate_g2tr()
+        if config.vision_config._attn_implementation is None:
+            # transformers resolves the implementation of sub-configs that have their own PreTrainedModel; the ViT
+            # is a plain module, so it follows the top-level choice (SDPA by default).
+            config.vision_config._attn_implementation = config._attn_implementation
+        self.vision_model = InternViTModel(config.vision_config)
+        self.mlp1 = build_projector(config)
+        self.language_model = Qwen3ForCausalLM(config.text_config)
+        self.special_token_embedding = nn.Embedding(len(SPECIAL_TOKENS), config.text_config.hidden_size)
+        self.vae = build_qwen_image_vae(config.vae_config) if config.vae_config is not None else None
+        if self.generation_config is not None:
+            # Text generation stops at the end of the turn or where an image would start (as upstream).
+            self.generation_config.eos_token_id = [config.im_end_token_id, config.image_start_token_id]
+            if self.generation_config.pad_token_id is None:
+                self.generation_config.pad_token_id = config.text_config.pad_token_id
+        self.post_init()
+
+    # -- embeddings / heads -------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Spatial downsampling of the VAE (8 for Qwen-Image)."""
+        return 2 ** len(self.vae.config.temperal_downsample)
+
+    # -- vision --------------------------------------------------------------------------------------------------
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ViT -> drop CLS -> pixel shuffle -> `mlp1`.
+
+        Args:
+            pixel_values: [N, 3, S, S], S = `config.vision_image_size`, normalised for the ViT.
+        Returns:
+            [N, T, hidden_size] visual tokens, row-major over the (sqrt(T), sqrt(T)) grid (T = 256 for InternVL-U).
+        """
+        size = self.config.vision_image_size
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
+            raise ValueError(
+                f"`pixel_values` must have shape [num_images, 3, {size}, {size}] (one tile per image, as the "
+                f"processor emits), got {tuple(pixel_values.shape)}."
+            )
+        hidden = self.vision_model(pixel_values, select_layer=self.config.select_layer)[:, 1:]
+        side = int(math.isqrt(hidden.shape[1]))
+        grid = hidden.reshape(hidden.shape[0], side, side, hidden.shape[-1])
+        shuffled = pixel_shuffle(grid, self.config.downsample_ratio)
+        return self.mlp1(shuffled.flatten(1, 2))
+
+    # -- G2TR ----------------------------------------------------------------------------------------------------
+
+    def encode_vae_latents(self, vae_pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised posterior mode of the Qwen-Image VAE.
+
+        Args:
+            vae_pixel_values: [N, 3, H, W] in [-1, 1].
+        Returns:
+            [N, z_dim, H/8, W/8] latents, `(z - latents_mean) / latents_std`, in the VAE dtype.
+        """
+        vae = self.vae
+        pixels = vae_pixel_values.to(device=vae.device, dtype=vae.dtype)
+        # The causal 3-D VAE takes a time axis: one frame per image.
+        latents = torch.cat(
+            [vae.encode(chunk.unsqueeze(2)).latent_dist.mode() for chunk in pixels.split(_VAE_ENCODE_CHUNK)]
+        )[:, :, 0]
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype)
+        std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype)
+        return (latents - mean[None, :, None, None]) / std[None, :, None, None]
+
+    def get_latent_anchors(
+        self, vae_pixel_values: torch.Tensor, vae_pixel_sizes: torch.Tensor | None = None
+    ) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """G2TR anchors of every image: its latent cropped to its own size, pooled, widened to the LLM width.
+
+        Args:
+            vae_pixel_values: [N, 3, H, W] in [-1, 1], images zero-padded to a common size.
+            vae_pixel_sizes: [N, 2] (height, width) of every image inside the padding; the full size when None.
+        Returns:
+            One (anchors [M_i, hidden_size], (h_l, w_l)) per image.
+        """
+        latents = self.encode_vae_latents(vae_pixel_values)
+        factor = self.vae_scale_factor
+        if vae_pixel_sizes is None:
+            sizes = [tuple(vae_pixel_values.shape[-2:])] * vae_pixel_values.shape[0]
+        else:
+            sizes = [tuple(int(v) for v in size) for size in vae_pixel_sizes.tolist()]
+        project = functools.partial(interpolate_channels, out_dim=self.config.text_config.hidden_size)
+        anchors = []
+        for latent, (height, width) in zip(latents, sizes):
+            own = latent[:, : -(-height // factor), : -(-width // factor)]
+            anchors.append(build_latent_anchors(own, pool=self.config.g2tr_latent_pool, project=project))
+        return anchors
+
+    def reduce_image_features(
+        self,
+        image_features: torch.Tensor,
+        vae_pixel_values: torch.Tensor,
+        vae_pixel_sizes: torch.Tensor | None,
+        ratio: float,
+    ) -> list[ReductionResult]:
+        """Run G2TR on every image separately.
+
+        Args:
+            image_features: [N, T, hidden_size] `mlp1` outputs.
+            vae_pixel_values, vae_pixel_sizes: see `get_latent_anchors`.
+            ratio: keep ratio in (0, 1).
+        Returns:
+            One `ReductionResult` per image (keep [K], tokens [K, hidden_size], ...).
+        """
+        side = self.config.image_grid_size
+        # The anchors only steer the selection: no gradient flows into the VAE.
+        with torch.no_grad():
+            anchors = self.get_latent_anchors(vae_pixel_values, vae_pixel_sizes)
+        return [
+            reduce_tokens(
+                features,
+                (side, side),
+                image_anchors.to(device=features.device, dtype=features.dtype),
+                anchor_grid,
+                ratio=ratio,
+                min_keep=self.config.g2tr_min_keep,
+                method=self.config.g2tr_method,
+                merge=self.config.g2tr_merge,
+                merge_scaling=self.config.g2tr_merge_scaling,
+                cell_mapping=self.config.g2tr_cell_mapping,
+            )
+            for features, (image_anchors, anchor_grid) in zip(image_features, anchors)
+        ]
+
+    def _resolve_ratio(self, g2tr_ratio: float | None) -> float:
+        """The keep ratio of this call (per-call value, else the config's), validated."""
+        # `from_pretrained(..., g2tr_ratio=...)` assigns after the config's own validation: validate again here.
+        self.config.validate_g2tr()
+        if g2tr_ratio is None:
+            return float(self.config.g2tr_ratio)
+        validate_reduction_options(ratio=g2tr_ratio, prefix="g2tr_")
+        return float(g2tr_ratio)
+
+    def _check_vae_inputs(self, num_images: int, vae_pixel_values: torch.Tensor | None, ratio: float) -> None:
+        if self.vae is None:
+            raise ValueError(
+                f"`g2tr_ratio`={ratio} < 1 needs the VAE for its anchors, but this model has none "
+                "(`config.vae_config` is None). Use `g2tr_ratio=1.0` or load a checkpoint with its VAE."
+            )
+        if vae_pixel_values is None:
+            raise ValueError(
+                f"`g2tr_ratio`={ratio} < 1 needs `vae_pixel_values` (returned by the processor next to "
+                "`pixel_values`) to build the G2TR anchors."
+            )
+        if vae_pixel_values.dim() != 4 or vae_pixel_values.shape[:2] != (num_images, 3):
+            raise ValueError(
+                f"`vae_pixel_values` must have shape [{num_images}, 3, H, W] (one per image of `pixel_values`), "
+                f"got {tuple(vae_pixel_values.shape)}."
+            )
+
+    # -- prefill embeddings --------------------------------------------------------------------------------------
+
+    def apply_special_token_embeddings(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Replace the word embedding of the 10 special tokens by their row of `special_token_embedding`.
+
+        Upstream does this for prompt tokens only (generated tokens use plain `embed_tokens`); so does `forward`.
+        """
+        ids = torch.tensor(self.config.special_token_ids, device=input_ids.device)
+        matches = input_ids[..., None] == ids  # [B, L, 10]
+        slot = matches.long().argmax(dim=-1)
+        table = self.special_token_embedding.weight.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        return torch.where(matches.any(dim=-1, keepdim=True), table[slot], inputs_embeds)
+
+    def insert_image_features(
+        self,
+        inputs_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor,
+        reduction: list[ReductionResult] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scatter the visual tokens into the `<IMG_CONTEXT>` positions, in (row, position) order.
+
+        With a reduction, every kept slot receives its merged token and the slots of dropped tokens are flagged.
+
+        Returns:
+            (inputs_embeds [B, L, D], drop [B, L] bool or None).
+        """
+        placeholder = input_ids.to(inputs_embeds.device) == self.config.image_token_id
+        image_features = image_features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        num_images, tokens_per_image = image_features.shape[:2]
+        num_placeholders = int(placeholder.sum())
+        if num_placeholders != num_images * tokens_per_image:
+            raise ValueError(
+                f"The prompt holds {num_placeholders} `<IMG_CONTEXT>` tokens but {num_images} image(s) give "
+                f"{num_images * tokens_per_image} visual tokens ({tokens_per_image} per image, whatever `g2tr_ratio`:"
+                " the model removes the dropped ones itself). Build the prompt with this model's processor."
+            )
+        if reduction is None:
+            return inputs_embeds.masked_scatter(placeholder[..., None], image_features), None
+        slots = image_features.clone()
+        kept = torch.zeros(num_images, tokens_per_image, dtype=torch.bool, device=slots.device)
+        for index, result in enumerate(reduction):
+            keep = result.keep.to(slots.device)
+            slots[index, keep] = result.tokens.to(device=slots.device, dtype=slots.dtype)
+            kept[index, keep] = True
+        embeds = inputs_embeds.masked_scatter(placeholder[..., None], slots)
+        drop = torch.zeros_like(placeholder)
+        drop[placeholder] = ~kept.flatten()
+        return embeds, drop
+
+    # -- forward -------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        vae_pixel_values: torch.FloatTensor | None = None,
+        vae_pixel_sizes: torch.LongTensor | None = None,
+        g2tr_ratio: float | None = None,
+        **kwargs: Any,
+    ) -> G2TRInternVLUCausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): left-padded prompt ids with 256
+                `<IMG_CONTEXT>` per image (whatever the ratio).
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, 448, 448)`, *optional*): ViT pixels.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 on tokens.
+            position_ids (`torch.LongTensor`, *optional*): derived from `attention_mask` when None; recomputed
+                when the reduction removes positions.
+            past_key_values (`Cache`, *optional*): the KV cache.
+            inputs_embeds (`torch.FloatTensor`, *optional*): instead of `input_ids` (text only).
+            labels (`torch.LongTensor`, *optional*): next-token targets (-100 ignored); compacted with the sequence.
+            use_cache (`bool`, *optional*), logits_to_keep (`int`, *optional*): as in transformers' causal LMs.
+            vae_pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`, *optional*): the images for the
+                VAE, in [-1, 1] (processor output); needed when `g2tr_ratio < 1`.
+            vae_pixel_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): (height, width) of every
+                image inside `vae_pixel_values`.
+            g2tr_ratio (`float`, *optional*): keep ratio of this call; `config.g2tr_ratio` when None.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if pixel_values is not None and input_ids is None:
+            raise ValueError("`pixel_values` need `input_ids` to locate the `<IMG_CONTEXT>` placeholders.")
+        is_prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+
+        image_features = reduction = drop = None
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if is_prefill:
+                inputs_embeds = self.apply_special_token_embeddings(inputs_embeds, input_ids)
+            if pixel_values is not None:
+                image_features = self.get_image_features(pixel_values)
+                ratio = self._resolve_ratio(g2tr_ratio)
+                num_images, tokens_per_image = image_features.shape[:2]
+                min_keep = self.config.g2tr_min_keep
+                if keep_count(tokens_per_image, ratio, min_keep) < tokens_per_image:
+                    self._check_vae_inputs(num_images, vae_pixel_values, ratio)
+                    reduction = self.reduce_image_features(image_features, vae_pixel_values, vae_pixel_sizes, ratio)
+                inputs_embeds, drop = self.insert_image_features(inputs_embeds, input_ids, image_features, reduction)
+
+        reduced_attention_mask = None
+        if drop is not None:
+            compact = remove_positions(drop, inputs_embeds, attention_mask, labels)
+            inputs_embeds, attention_mask = compact.inputs_embeds, compact.attention_mask
+            position_ids, labels = compact.position_ids, compact.labels
+            reduced_attention_mask = compact.attention_mask
+        elif position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # Left padding: positions count the real tokens (as `generate` does), so each row of a batch sees
+            # the positions of its single run.
+            position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1] :]
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return G2TRInternVLUCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+            reduced_attention_mask=reduced_attention_mask,
+            reduction=reduction,
+        )
+
+    # -- generation ----------------------------------------------------------------------------------------------
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        g2tr_attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Parent behaviour, plus: the VAE inputs go only to the prefill, and after a reduction the decoding steps
+        use the compacted attention mask and positions (the cache is shorter than the caller's `input_ids`)."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        cache_filled = past_key_values is not None and past_key_values.get_seq_length() > 0
+        if is_first_iteration or not cache_filled:
+            return model_inputs
+        for key in ("pixel_values", "vae_pixel_values", "vae_pixel_sizes"):
+            model_inputs.pop(key, None)
+        if g2tr_attention_mask is not None:
+            new_tokens = model_inputs["input_ids"].shape[1]
+            model_inputs["attention_mask"] = g2tr_attention_mask
+            model_inputs["position_ids"] = positions_from_mask(g2tr_attention_mask)[:, -new_tokens:]
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(
+        self,
+        outputs: ModelOutput,
+        model_kwargs: dict[str, Any],
+        is_encoder_decoder: bool = False,
+        num_new_tokens: int = 1,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Parent behaviour, plus the compacted attention mask of a reduced prefill, grown by the new tokens."""
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens, **kwargs
+        )
+        reduced = getattr(outputs, "reduced_attention_mask", None)
+        if reduced is None or getattr(outputs, "past_key_values", None) is None:
+            reduced = model_kwargs.get("g2tr_attention_mask")
+        if reduced is not None:
+            model_kwargs["g2tr_attention_mask"] = torch.cat(
+                [reduced, reduced.new_ones(reduced.shape[0], num_new_tokens)], dim=-1
+            )
+        return model_kwargs
+
+
+__all__ = [
+    "G2TRInternVLUPreTrainedModel",
+    "G2TRInternVLUForConditionalGeneration",
+    "G2TRInternVLUCausalLMOutputWithPast",
+    "InternViTModel",
+    "pixel_shuffle",
+    "remove_positions",
+]
+
+
+G2TRInternVLUForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

@@ -1,0 +1,1411 @@
+"""PyTorch BAGEL-7B-MoT (ByteDance-Seed/BAGEL-7B-MoT) with G2TR visual token reduction.
+
+The module tree reproduces the upstream `Bagel` module (ByteDance-Seed/Bagel, `modeling/bagel/*`) so that the
+official `ema.safetensors` loads without renaming (`shared/specs/bagel.md` §1.2):
+
+    language_model.model.{embed_tokens, layers.N.*, norm, norm_moe_gen}, language_model.lm_head
+    vit_model.vision_model.{embeddings, encoder.layers.N.*, post_layernorm}
+    connector.{fc1, fc2}, vit_pos_embed.pos_embed, latent_pos_embed.pos_embed
+    time_embedder.mlp.{0, 2}, vae2llm, llm2vae, vae (diffusers AutoencoderKL, converted keys)
+
+(The names are derived from the upstream module definitions and two third-party loaders; unverified against the
+real `ema.safetensors`: check on first load of the real checkpoint.)
+
+The file reads bottom-up: Qwen2 pieces (RMSNorm, rotary, MLP), the Mixture-of-Transformers attention and decoder
+layer (an "und" expert for text and ViT tokens, a "gen" expert for VAE tokens, one shared attention and cache), the
+NaViT SigLIP, BAGEL's small heads (connector, sin-cos tables, time embedder), then the full model with the G2TR hook.
+
+Prompt layout (the processor contract): text segments are `<|im_start|> ... <|im_end|>`, every image is
+`<|vision_start|> + N x <|image_pad|> + <|vision_end|>` with N = h_v * w_v ViT patches. The whole prompt is prefilled
+in ONE pass with a block-causal mask (causal text, bidirectional image blocks) and BAGEL's 1-D RoPE (+1 per text
+token, one position for a whole image block), which equals upstream's segment-by-segment prefill. With
+`g2tr_ratio < 1` each image block shrinks to K + 2 tokens before the decoder runs, so the KV cache holds K + 2 entries
+per image while the caller keeps its full-length `input_ids` (the compact layout is remembered on the cache).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+from transformers.utils.import_utils import is_diffusers_available
+
+from .configuration_bagel import G2TRBagelConfig
+from .reduction import ReductionResult, build_latent_anchors, reduce_tokens, validate_reduction_options
+
+
+if is_diffusers_available():
+    from diffusers import AutoencoderKL
+
+
+logger = logging.get_logger(__name__)
+
+# Packed image inputs: one row per patch (`pixel_values`, `image_position_ids`) or per image (the others). They are
+# only needed while the prompt is prefilled.
+_PATCH_INPUTS = ("pixel_values", "image_position_ids")
+_IMAGE_INPUTS = ("image_grid_hw", "vae_pixel_values", "vae_image_hw")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen2 building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class BagelRMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalised in fp32, scaled by a learned weight, returned in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class BagelRotaryEmbedding(nn.Module):
+    """Standard 1-D rotate-half RoPE (theta 1e6 for BAGEL). `inv_freq` is a non-persistent buffer, as upstream."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rope_parameters = getattr(config, "rope_parameters", None) or {}
+        self.rope_theta = float(rope_parameters.get("rope_theta", getattr(config, "rope_theta", 1_000_000.0)))
+        if rope_parameters.get("rope_type", "default") != "default":
+            raise ValueError(f"Only the default RoPE is supported, got `rope_parameters`={rope_parameters}.")
+        self.register_buffer("inv_freq", torch.empty(self.head_dim // 2), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        return 1.0 / (self.rope_theta**exponents)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, L] -> (cos, sin), each [B, L, head_dim] in the dtype of `x`."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float32)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotates half the hidden dims of the input."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, L, D], k [B, Hk, L, D], cos/sin [B, L, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, H_kv, L, D] -> [B, H_kv * n_rep, L, D] (GQA)."""
+    batch, num_key_value_heads, length, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None].expand(batch, num_key_value_heads, n_rep, length, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, length, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention. `attention_mask` is boolean (True = attend) or additive, broadcastable to
+    [B, H, Lq, Lk]. Returns ([B, Lq, H, D], weights [B, H, Lq, Lk])."""
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    key_states, value_states = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros_like(attention_mask, dtype=attn_weights.dtype).masked_fill(
+                ~attention_mask, torch.finfo(attn_weights.dtype).min
+            )
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _attention_function(config) -> Callable:
+    """The kernel named by `config._attn_implementation` (SDPA by default), with the eager one as fallback."""
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    if implementation == "eager":
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
+class BagelMLP(nn.Module):
+    """Qwen2 SwiGLU MLP."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route_experts(
+    hidden_states: torch.Tensor,
+    gen_token_mask: torch.Tensor | None,
+    und_fn: Callable[[torch.Tensor], torch.Tensor],
+    gen_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Apply `und_fn` to understanding tokens and `gen_fn` to generation tokens.
+
+    Args:
+        hidden_states: [B, L, D_in].
+        gen_token_mask: [B, L] bool, True for tokens of the generation expert (VAE latents); None = all "und".
+    Returns:
+        [B, L, D_out], each token computed by its own expert only.
+    """
+    if gen_token_mask is None or not gen_token_mask.any():
+        return und_fn(hidden_states)
+    if gen_token_mask.all():
+        return gen_fn(hidden_states)
+    und_out = und_fn(hidden_states[~gen_token_mask])
+    gen_out = gen_fn(hidden_states[gen_token_mask])
+    output = und_out.new_empty(*hidden_states.shape[:-1], und_out.shape[-1])
+    output[~gen_token_mask] = und_out
+    output[gen_token_mask] = gen_out.to(und_out.dtype)
+    return output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixture-of-Transformers decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class BagelMoTAttention(nn.Module):
+    """Qwen2 attention duplicated per expert (`*_moe_gen`), with per-head QK-norm before RoPE. Both experts write
+    into one sequence, one softmax and one KV cache (bagel.md §3.1)."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = getattr(config, "attention_dropout", 0.0)
+        # The mask is always built by the model (block-causal), never implied.
+        self.is_causal = False
+
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=True)
+        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=False)
+        self.q_proj_moe_gen = nn.Linear(config.hidden_size, q_dim, bias=True)
+        self.k_proj_moe_gen = nn.Linear(config.hidden_size, kv_dim, bias=True)
+        self.v_proj_moe_gen = nn.Linear(config.hidden_size, kv_dim, bias=True)
+        self.o_proj_moe_gen = nn.Linear(q_dim, config.hidden_size, bias=False)
+        qk_norm = getattr(config, "qk_norm", True)
+        norm = (lambda: BagelRMSNorm(self.head_dim, eps=config.rms_norm_eps)) if qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
+        self.q_norm_moe_gen, self.k_norm_moe_gen = norm(), norm()
+
+    def _project(self, proj: nn.Linear, norm: nn.Module, upcast: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Projection followed by the per-head norm: [..., hidden] -> [..., heads * head_dim] (fp32 if `upcast`)."""
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            states = proj(x)
+            states = states.view(*states.shape[:-1], -1, self.head_dim)
+            return norm(states.float() if upcast else states).flatten(-2)
+
+        return fn
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        gen_token_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states [B, L, D]; attention_mask [B, 1, L, P+L] bool or None. Returns ([B, L, D], weights).
+
+        A `gen_token_mask` selects upstream's "gen" mode, whose q/k norms and RoPE run in fp32 for every token
+        (bagel.md §3.2); without it ("und" mode) they run in the input dtype.
+        """
+        batch, length, _ = hidden_states.shape
+        gen_mode = gen_token_mask is not None
+        query = route_experts(
+            hidden_states,
+            gen_token_mask,
+            self._project(self.q_proj, self.q_norm, gen_mode),
+            self._project(self.q_proj_moe_gen, self.q_norm_moe_gen, gen_mode),
+        )
+        key = route_experts(
+            hidden_states,
+            gen_token_mask,
+            self._project(self.k_proj, self.k_norm, gen_mode),
+            self._project(self.k_proj_moe_gen, self.k_norm_moe_gen, gen_mode),
+        )
+        value = route_experts(hidden_states, gen_token_mask, self.v_proj, self.v_proj_moe_gen)
+        query = query.view(batch, length, -1, self.head_dim).transpose(1, 2)
+        key = key.view(batch, length, -1, self.head_dim).transpose(1, 2)
+        value = value.view(batch, length, -1, self.head_dim).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query, key = query.to(value.dtype), key.to(value.dtype)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attn_output, attn_weights = _attention_function(self.config)(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            is_causal=False,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch, length, -1).contiguous()
+        attn_output = route_experts(attn_output, gen_token_mask, self.o_proj, self.o_proj_moe_gen)
+        return attn_output, attn_weights
+
+
+class BagelMoTDecoderLayer(nn.Module):
+    """Pre-norm Qwen2 block with every weight duplicated for the generation expert (upstream
+    `Qwen2MoTDecoderLayer`)."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = BagelMoTAttention(config, layer_idx)
+        self.mlp = BagelMLP(config)
+        self.mlp_moe_gen = BagelMLP(config)
+        self.input_layernorm = BagelRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm_moe_gen = BagelRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = BagelRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm_moe_gen = BagelRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        gen_token_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = route_experts(
+            hidden_states, gen_token_mask, self.input_layernorm, self.input_layernorm_moe_gen
+        )
+        hidden_states, _ = self.self_attn(
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            gen_token_mask=gen_token_mask,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+
+        def und_mlp(x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(self.post_attention_layernorm(x))
+
+        def gen_mlp(x: torch.Tensor) -> torch.Tensor:
+            return self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(x))
+
+        hidden_states = route_experts(hidden_states, gen_token_mask, und_mlp, gen_mlp)
+        return residual + hidden_states
+
+
+class BagelTextModel(nn.Module):
+    """The MoT Qwen2 decoder (`language_model.model`). It takes prepared embeddings, RoPE positions and a boolean
+    4-D mask; the full model builds them."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [BagelMoTDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = BagelRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_moe_gen = BagelRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = BagelRotaryEmbedding(config)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        gen_token_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """
+        Args:
+            inputs_embeds: [B, L, D].
+            position_ids: [B, L] 1-D RoPE positions.
+            attention_mask: [B, 1, L, P+L] boolean (True = attend), or None (every key visible).
+            past_key_values: a transformers `Cache` that receives the L new entries per layer.
+            gen_token_mask: [B, L] bool, True where the generation expert (`*_moe_gen`) processes the token.
+        Returns:
+            `BaseModelOutputWithPast` with `last_hidden_state` [B, L, D] after the expert's final norm.
+        """
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                gen_token_mask=gen_token_mask,
+                **kwargs,
+            )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = route_experts(hidden_states, gen_token_mask, self.norm, self.norm_moe_gen)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
+        )
+
+
+class BagelLanguageModel(nn.Module):
+    """`language_model`: the decoder plus the untied `lm_head` (upstream `Qwen2ForCausalLM`, MoT variant)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.model = BagelTextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NaViT SigLIP
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class BagelSiglipVisionEmbeddings(nn.Module):
+    """Linear patch embedding over pre-flattened (row, col, channel) patches plus a learned position table indexed
+    by `row * side + col` (never interpolated: smaller images use its top-left sub-grid)."""
+
+    def __init__(self, config, max_num_patch_per_side: int) -> None:
+        super().__init__()
+        self.patch_embedding = nn.Linear(config.num_channels * config.patch_size**2, config.hidden_size)
+        self.position_embedding = nn.Embedding(max_num_patch_per_side**2, config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """pixel_values [P, 3*p*p], position_ids [P] -> [P, D]."""
+        weight = self.patch_embedding.weight
+        embeddings = self.patch_embedding(pixel_values.to(device=weight.device, dtype=weight.dtype))
+        return embeddings + self.position_embedding(position_ids.to(weight.device))
+
+
+class BagelSiglipAttention(nn.Module):
+    """Non-causal multi-head attention with biases (SigLIP)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states [I, N, D]; attention_mask [I, 1, 1, N] bool key mask or None."""
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        attn_output, _ = _attention_function(self.config)(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.dropout,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        return self.out_proj(attn_output.reshape(batch, length, -1).contiguous())
+
+
+class BagelSiglipMLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class BagelSiglipEncoderLayer(nn.Module):
+    """Pre-LN SigLIP block: x += attn(LN1(x)); x += mlp(LN2(x))."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = BagelSiglipAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = BagelSiglipMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class BagelSiglipEncoder(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([BagelSiglipEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask)
+        return hidden_states
+
+
+class BagelSiglipVisionTransformer(nn.Module):
+    def __init__(self, config, max_num_patch_per_side: int) -> None:
+        super().__init__()
+        self.embeddings = BagelSiglipVisionEmbeddings(config, max_num_patch_per_side)
+        self.encoder = BagelSiglipEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            pixel_values: [P, 3*p*p] patches of all images, packed image after image.
+            position_ids: [P] flattened 2-D ids `row * side + col`.
+            seq_lens: [I] patches per image (sum P).
+        Returns:
+            [P, D]: each image attended only to itself (upstream: flash-attn varlen over `cu_seqlens`).
+        """
+        embeddings = self.embeddings(pixel_values, position_ids)
+        padded, valid = pad_packed_sequences(embeddings, seq_lens)
+        # A key-padding mask only when the images differ in size: padded keys are hidden, padded queries are
+        # discarded below, so every image sees exactly its own tokens.
+        attention_mask = None if bool(valid.all()) else valid[:, None, None, :]
+        hidden_states = self.encoder(padded, attention_mask)
+        return self.post_layernorm(hidden_states[valid])
+
+
+class BagelSiglipVisionModel(nn.Module):
+    """`vit_model`: SigLIP-so400m/14 NaViT (26 layers, no pooling head)."""
+
+    def __init__(self, config, max_num_patch_per_side: int) -> None:
+        super().__init__()
+        self.vision_model = BagelSiglipVisionTransformer(config, max_num_patch_per_side)
+
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        return self.vision_model(pixel_values, position_ids, seq_lens)
+
+
+def pad_packed_sequences(packed: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[sum(seq_lens), D] -> (padded [I, max_len, D], valid [I, max_len] bool), right padded with zeros."""
+    num_sequences = seq_lens.shape[0]
+    seq_lens = seq_lens.to(packed.device)
+    max_len = int(seq_lens.max())
+    valid = torch.arange(max_len, device=packed.device)[None, :] < seq_lens[:, None]
+    padded = packed.new_zeros(num_sequences, max_len, packed.shape[-1])
+    padded[valid] = packed
+    return padded, valid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BAGEL heads: connector, fixed 2-D sin-cos tables, timestep embedder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class BagelMLPConnector(nn.Module):
+    """ViT width -> LLM width: fc1, activation (gelu tanh), fc2."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, hidden_act: str) -> None:
+        super().__init__()
+        self.activation_fn = ACT2FN[hidden_act]
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """[n] float64 -> [n, dim]: sin then cos of positions * omega_k, omega_k = 1 / 10000^(k / (dim/2))."""
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    angles = positions[:, None] * (1.0 / 10000**omega)[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d_table(dim: int, side: int) -> torch.Tensor:
+    """The DiT/MAE 2-D sin-cos table, [side * side, dim] float32; row `r * side + c` holds the column code of `c` in
+    its first dim/2 values and the row code of `r` in the last dim/2 (bagel.md §2.2)."""
+    coords = torch.arange(side, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    table = torch.cat([sincos_1d(dim // 2, cols.reshape(-1)), sincos_1d(dim // 2, rows.reshape(-1))], dim=1)
+    return table.float()
+
+
+class BagelPositionEmbedding(nn.Module):
+    """Lookup into a fixed 2-D sin-cos table. Upstream stores the table as a frozen parameter, so it is part of the
+    checkpoint (`vit_pos_embed.pos_embed`, `latent_pos_embed.pos_embed`); `_init_weights` recomputes it when
+    missing."""
+
+    def __init__(self, max_num_patch_per_side: int, hidden_size: int) -> None:
+        super().__init__()
+        self.max_num_patch_per_side = max_num_patch_per_side
+        self.hidden_size = hidden_size
+        self.pos_embed = nn.Parameter(torch.empty(max_num_patch_per_side**2, hidden_size), requires_grad=False)
+
+    def compute_table(self) -> torch.Tensor:
+        return sincos_2d_table(self.hidden_size, self.max_num_patch_per_side)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """position_ids [n] -> [n, D]."""
+        return self.pos_embed[position_ids.to(self.pos_embed.device)]
+
+
+class BagelTimestepEmbedder(nn.Module):
+    """Flow-matching time t in [0, 1] (no x1000 scaling) -> [cos | sin] 256-d code in fp32 -> Linear, SiLU,
+    Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def timestep_embedding(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """[n] -> [n, 256] float32, cos first."""
+        half = self.frequency_embedding_size // 2
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+        )
+        angles = timesteps[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        embedding = self.timestep_embedding(timesteps).to(self.mlp[0].weight.dtype)
+        return self.mlp(embedding)
+
+
+def patchify_latents(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[C, H, W] -> [(H/p) * (W/p), p*p*C], row-major patches, features in (p_row, p_col, channel) order."""
+    channels, height, width = latents.shape
+    patches = latents.reshape(channels, height // patch_size, patch_size, width // patch_size, patch_size)
+    return patches.permute(1, 3, 2, 4, 0).reshape(-1, patch_size * patch_size * channels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequence layout: RoPE positions, block ids, the compact cache layout
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BagelCacheLayout:
+    """What the KV cache holds, entry by entry, for each row: which entries are real tokens (`attention_mask`) and
+    their RoPE positions (`position_ids`). With G2TR the cache is shorter than the caller's `input_ids` (dropped
+    image slots never enter it), so the caller's mask cannot be used for the cached part; this record replaces it.
+
+    Attributes:
+        attention_mask: [B, P] bool.
+        position_ids: [B, P] long.
+    """
+
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+    @property
+    def next_position(self) -> torch.Tensor:
+        """[B] the RoPE position of the next token of every row."""
+        if self.position_ids.shape[1] == 0:
+            return torch.zeros(self.position_ids.shape[0], dtype=torch.long, device=self.position_ids.device)
+        return self.position_ids.masked_fill(~self.attention_mask, -1).amax(dim=-1).clamp(min=-1) + 1
+
+    def extended(self, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> BagelCacheLayout:
+        return BagelCacheLayout(
+            torch.cat([self.attention_mask, attention_mask], dim=-1),
+            torch.cat([self.position_ids, position_ids], dim=-1),
+        )
+
+    def cropped(self, length: int) -> BagelCacheLayout:
+        return BagelCacheLayout(self.attention_mask[:, :length], self.position_ids[:, :length])
+
+
+_LAYOUT_ATTRIBUTE = "g2tr_bagel_layout"
+
+
+def image_block_structure(
+    input_ids: torch.Tensor, vision_start_token_id: int, vision_end_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the image blocks are.
+
+    Args:
+        input_ids: [B, L].
+    Returns:
+        block_ids [B, L] long: 0 for text, and for every token of an image block (both markers included) the
+            1-based index of that image in row-major order over the batch (a unique id per block);
+        advances [B, L] bool: tokens that move the RoPE position forward (text tokens and `<|vision_start|>`;
+            the rest of an image block shares the position of its start marker).
+    """
+    is_start = input_ids == vision_start_token_id
+    is_end = input_ids == vision_end_token_id
+    # Depth seen by each token, counting its own start marker but not its own end marker.
+    depth = is_start.long().cumsum(-1) - is_end.long().cumsum(-1) + is_end.long()
+    in_block = depth > 0
+    image_index = is_start.flatten().long().cumsum(0).view_as(input_ids)
+    block_ids = torch.where(in_block, image_index, torch.zeros_like(image_index))
+    advances = ~in_block | is_start
+    return block_ids, advances
+
+
+def rope_positions(advances: torch.Tensor, valid: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """1-D RoPE positions: +1 per advancing real token, starting at `start` [B]; padding gets position 0."""
+    steps = (advances & valid).long()
+    positions = start[:, None] + steps.cumsum(-1) - 1
+    positions = torch.maximum(positions, start[:, None])
+    return positions.masked_fill(~valid, 0)
+
+
+def index_to_mask(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """LongTensor [k] -> BoolTensor [size], True at `indices`."""
+    mask = torch.zeros(size, dtype=torch.bool, device=indices.device)
+    mask[indices] = True
+    return mask
+
+
+def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather index that removes the dropped slots of every row and left-pads the rows again.
+
+    Args:
+        keep: [B, L] bool, False for the slots to remove.
+    Returns:
+        index [B, L'] long into the old sequence, and filled [B, L'] bool (False for the new left padding), with
+        L' = max row length after removal. Rows keep their order of tokens and are right-aligned.
+    """
+    batch, length = keep.shape
+    lengths = keep.sum(-1)
+    new_length = int(lengths.max())
+    destination = keep.long().cumsum(-1) - 1 + (new_length - lengths)[:, None]
+    rows = torch.arange(batch, device=keep.device)[:, None].expand(batch, length)
+    source = torch.arange(length, device=keep.device)[None, :].expand(batch, length)
+    index = torch.zeros(batch, new_length, dtype=torch.long, device=keep.device)
+    filled = torch.zeros(batch, new_length, dtype=torch.bool, device=keep.device)
+    index[rows[keep], destination[keep]] = source[keep]
+    filled[rows[keep], destination[keep]] = True
+    return index, filled
+
+
+def block_causal_mask(
+    past_mask: torch.Tensor | None, new_mask: torch.Tensor, block_ids: torch.Tensor
+) -> torch.Tensor:
+    """Boolean attention mask [B, 1, L, P+L] (True = attend) for L new tokens after P cached ones.
+
+    Every real cached entry is visible (bottom-right alignment of the causal mask against a cache). Among the new
+    tokens, query i sees key j when j <= i (causal text) or when both are in the same image block (bidirectional
+    block, as upstream's `is_causal=False` image prefill). A token always sees itself, so padded query rows stay
+    finite.
+    """
+    length = new_mask.shape[1]
+    positions = torch.arange(length, device=new_mask.device)
+    causal = positions[None, :, None] >= positions[None, None, :]
+    same_block = (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] > 0)
+    new_keys = (causal | same_block) & new_mask[:, None, :]
+    new_keys = new_keys | torch.eye(length, dtype=torch.bool, device=new_mask.device)[None]
+    if past_mask is not None and past_mask.shape[1] > 0:
+        past_keys = past_mask[:, None, :].expand(-1, length, -1)
+        new_keys = torch.cat([past_keys, new_keys], dim=-1)
+    return new_keys[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs and the pretrained base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class G2TRBagelCausalLMOutputWithPast(ModelOutput):
+    r"""
+    Output of [`G2TRBagelForConditionalGeneration`]. With G2TR the sequence the decoder ran on (and the logits) is
+    the COMPACT one: dropped image slots are removed and the rows re-left-padded.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token loss when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch_size, compact_length, vocab_size)`).
+        past_key_values (`Cache`, *optional*): the KV cache, holding K + 2 entries per image block.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): decoder inputs and every layer's output.
+        attention_mask (`torch.LongTensor` of shape `(batch_size, compact_length)`): which compact slots are real.
+        kept_token_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): which of the caller's tokens
+            entered the decoder (False for the slots of dropped image tokens).
+        image_reductions (`list[ReductionResult]`, *optional*): the G2TR plan of every image (None at ratio 1).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    attention_mask: torch.LongTensor | None = None
+    kept_token_mask: torch.BoolTensor | None = None
+    image_reductions: list[ReductionResult] | None = None
+
+
+class G2TRBagelPreTrainedModel(PreTrainedModel):
+    config: G2TRBagelConfig
+    config_class = G2TRBagelConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["BagelMoTDecoderLayer", "BagelSiglipEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    # Image blocks need a bidirectional span inside a causal mask, which a 2-D flash-attn padding mask cannot say.
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, BagelRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+        elif isinstance(module, BagelPositionEmbedding):
+            init.copy_(module.pos_embed, module.compute_table())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The full model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixin):
+    r"""
+    BAGEL-7B-MoT with G2TR: understanding (text generation from interleaved text and images) with the ViT tokens of
+    every image reduced to `K = keep_count(N, g2tr_ratio, g2tr_min_keep)` by agreement with the model's own VAE
+    latent. The generation-side modules (`vae`, `time_embedder`, `vae2llm`, `llm2vae`, `latent_pos_embed`, the
+    `*_moe_gen` expert) are present and usable through `embed_latent_tokens` and `gen_token_mask`.
+
+    Also what `AutoModel` returns for this config.
+    """
+
+    def __init__(self, config: G2TRBagelConfig) -> None:
+        super().__init__(config)
+        llm_config, vit_config = config.llm_config, config.vit_config
+        hidden_size = llm_config.hidden_size
+        self.language_model = BagelLanguageModel(llm_config)
+
+        if config.visual_und:
+            self.vit_model = BagelSiglipVisionModel(vit_config, config.vit_max_num_patch_per_side)
+            self.connector = BagelMLPConnector(vit_config.hidden_size, hidden_size, hidden_size, config.connector_act)
+            self.vit_pos_embed = BagelPositionEmbedding(config.vit_max_num_patch_per_side, hidden_size)
+
+        if config.visual_gen:
+            latent_channels = config.vae_config["latent_channels"]
+            patch_latent_dim = config.latent_patch_size**2 * latent_channels
+            self.time_embedder = BagelTimestepEmbedder(hidden_size)
+            self.vae2llm = nn.Linear(patch_latent_dim, hidden_size)
+            self.llm2vae = nn.Linear(hidden_size, patch_latent_dim)
+            self.latent_pos_embed = BagelPositionEmbedding(config.max_latent_size, hidden_size)
+            if is_diffusers_available():
+                self.vae = AutoencoderKL(**config.vae_config)
+            else:
+                self.vae = None
+                logger.warning(
+                    "diffusers is not installed: the VAE is not built, so G2TR reduction (g2tr_ratio < 1) and image "
+                    "generation are unavailable. Install it with `pip install diffusers`."
+                )
+
+        self.post_init()
+
+    # --- embeddings (GenerationMixin / resize_token_embeddings) ---------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.language_model.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.language_model.lm_head = new_embeddings
+
+    def get_decoder(self) -> BagelTextModel:
+        return self.language_model.model
+
+    # --- VAE / generation-side helpers ----------------------------------------------------------------------------
+
+    @property
+    def vae_downsample(self) -> int:
+        """Pixels per latent cell along a side (8 for the FLUX AE)."""
+        return 2 ** (len(self.config.vae_config["block_out_channels"]) - 1)
+
+    def encode_vae_latents(
+        self, vae_pixel_values: torch.Tensor, vae_image_hw: torch.Tensor, sample: bool = False
+    ) -> list[torch.Tensor]:
+        """Encode images with `self.vae` and return each image's scaled latent, cropped to its own size.
+
+        Images of the same size are encoded together; different sizes are encoded separately, on their own
+        unpadded pixels, because padding would change the VAE's GroupNorm statistics (so a batched request gives
+        the same latents as single ones).
+
+        Args:
+            vae_pixel_values: [I, 3, H_max, W_max] in [-1, 1], each image zero-padded at the bottom/right.
+            vae_image_hw: [I, 2] each image's own (H, W).
+            sample: draw from the posterior (upstream) instead of taking its mean (deterministic, the default).
+        Returns:
+            I tensors [C, H/8, W/8] equal to `scaling_factor * (z - shift_factor)`.
+        """
+        if getattr(self, "vae", None) is None:
+            raise ValueError("This model has no VAE (`config.visual_gen=False` or diffusers missing).")
+        self._check_vae_inputs(vae_pixel_values, vae_image_hw)
+        vae_config = self.config.vae_config
+        scale, shift = vae_config.get("scaling_factor", 1.0), vae_config.get("shift_factor", 0.0) or 0.0
+        sizes = [tuple(hw) for hw in vae_image_hw.tolist()]
+        latents: list[torch.Tensor | None] = [None] * len(sizes)
+        for size in dict.fromkeys(sizes):
+            members = [i for i, other in enumerate(sizes) if other == size]
+            pixels = vae_pixel_values[members, :, : size[0], : size[1]]
+            posterior = self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
+            encoded = posterior.sample() if sample else posterior.mean
+            encoded = (encoded - shift) * scale
+            for slot, image_index in enumerate(members):
+                latents[image_index] = encoded[slot]
+        return latents
+
+    def embed_latent_tokens(
+        self, latent_tokens: torch.Tensor, timesteps: torch.Tensor, latent_position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Generation-expert input embeddings: `vae2llm(x) + time_embedder(t) + latent_pos_embed(ids)`.
+
+        Args:
+            latent_tokens: [n, p*p*C] patchified latents (see `patchify_latents`).
+            timesteps: [n] (or [1], broadcast) flow time in [0, 1]; 0 for a clean context image.
+            latent_position_ids: [n] flattened 2-D ids `row * max_latent_size + col`.
+        Returns:
+            [n, hidden_size].
+
+        The timestep code is computed in fp32 from `timesteps` as given; upstream's VAE-context prefill casts the
+        timesteps to bf16 first (irrelevant for t = 0; check the denoising path against upstream).
+        """
+        projected = self.vae2llm(latent_tokens.to(self.vae2llm.weight.dtype))
+        return projected + self.time_embedder(timesteps.reshape(-1)) + self.latent_pos_embed(latent_position_ids)
+
+    # --- understanding-side features and the G2TR hook ------------------------------------------------------------
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_position_ids: torch.Tensor, image_grid_hw: torch.Tensor
+    ) -> torch.Tensor:
+        """SigLIP on all patches, then the connector: [P, 3*14*14] -> [P, hidden_size], BEFORE `vit_pos_embed`
+        (the tensor that G2TR scores and merges)."""
+        seq_lens = image_grid_hw.prod(-1)
+        vit_features = self.vit_model(pixel_values, image_position_ids, seq_lens)
+        return self.connector(vit_features)
+
+    def reduce_image_features(
+        self,
+        features: torch.Tensor,
+        image_grid_hw: torch.Tensor,
+        vae_pixel_values: torch.Tensor | None,
+        vae_image_hw: torch.Tensor | None,
+        ratio: float,
+        latents: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[ReductionResult]]:
+        """G2TR on every image: anchors from the VAE posterior mean (patchify 2 x 2, pool `g2tr_latent_pool`,
+        `vae2llm`; no position or time embedding), then `reduce_tokens` per image.
+
+        Args:
+            features: [P, D] connector outputs of all images, packed.
+            latents: the images' scaled latents [C, H/8, W/8] when they are already encoded (editing reuses the
+                latents of the VAE context block instead of encoding again); otherwise `vae_pixel_values` and
+                `vae_image_hw` are encoded here.
+        Returns:
+            merged tokens [sum K, D], kept packed indices [sum K] (ascending within each image), and the plans.
+        """
+        config = self.config
+        if latents is None:
+            latents = self.encode_vae_latents(vae_pixel_values, vae_image_hw)
+        if len(latents) != image_grid_hw.shape[0]:
+            raise ValueError(
+                f"`latents` must hold one latent per image ({image_grid_hw.shape[0]}), got {len(latents)}."
+            )
+        grids = [tuple(hw) for hw in image_grid_hw.tolist()]
+        per_image = features.split([h * w for h, w in grids])
+        results, kept, offset = [], [], 0
+        for image_features, grid, latent in zip(per_image, grids, latents):
+            anchors, anchor_grid = build_latent_anchors(
+                latent,
+                patch_size=config.latent_patch_size,
+                pool=config.g2tr_latent_pool,
+                project=self._project_latent_anchors,
+            )
+            result = reduce_tokens(
+                image_features,
+                grid,
+                anchors.to(image_features.dtype),
+                anchor_grid,
+                ratio=ratio,
+                min_keep=config.g2tr_min_keep,
+                method=config.g2tr_method,
+                merge=config.g2tr_merge,
+                merge_scaling=config.g2tr_merge_scaling,
+                cell_mapping=config.g2tr_cell_mapping,
+            )
+            results.append(result)
+            kept.append(result.keep + offset)
+            offset += image_features.shape[0]
+        tokens = torch.cat([result.tokens for result in results])
+        return tokens, torch.cat(kept), results
+
+    def _image_block_embeddings(
+        self,
+        pixel_values: torch.Tensor,
+        image_position_ids: torch.Tensor,
+        image_grid_hw: torch.Tensor,
+        vae_pixel_values: torch.Tensor | None,
+        vae_image_hw: torch.Tensor | None,
+        ratio: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[ReductionResult] | None]:
+        """The LLM inputs of every image's ViT tokens: `connector(ViT)` (reduced when ratio < 1) +
+        `vit_pos_embed` at the tokens' original 2-D ids.
+
+        Returns:
+            embeddings [sum K, D], the kept packed patch indices [sum K] (None when nothing is reduced), the plans.
+        """
+        features = self.get_image_features(pixel_values, image_position_ids, image_grid_hw)
+        if ratio >= 1.0:
+            # The unreduced upstream path, untouched: no VAE encode, no plan.
+            return features + self.vit_pos_embed(image_position_ids), None, None
+        if getattr(self, "vae", None) is None or not self.config.visual_gen:
+            raise ValueError(
+                f"g2tr_ratio={ratio} < 1 needs the VAE for its latent anchors, but this model has none "
+                "(`config.visual_gen=False` or diffusers is not installed). Use g2tr_ratio=1.0."
+            )
+        if vae_pixel_values is None or vae_image_hw is None:
+            raise ValueError(
+                f"g2tr_ratio={ratio} < 1 needs `vae_pixel_values` and `vae_image_hw` (the VAE-sized images the "
+                "processor returns) to build the latent anchors."
+            )
+        if vae_image_hw.shape[0] != image_grid_hw.shape[0]:
+            raise ValueError(
+                f"`vae_image_hw` has {vae_image_hw.shape[0]} images but `image_grid_hw` has {image_grid_hw.shape[0]}."
+            )
+        tokens, kept_patches, reductions = self.reduce_image_features(
+            features, image_grid_hw, vae_pixel_values, vae_image_hw, ratio
+        )
+        # Position codes of the kept tokens' ORIGINAL 2-D ids, added after merging (g2tr.md §3.1).
+        kept_ids = image_position_ids[kept_patches.to(image_position_ids.device)]
+        return tokens + self.vit_pos_embed(kept_ids), kept_patches, reductions
+
+    def _project_latent_anchors(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.vae2llm(pooled.to(device=self.vae2llm.weight.device, dtype=self.vae2llm.weight.dtype))
+
+    def _resolve_g2tr_ratio(self, g2tr_ratio: float | None) -> float:
+        """The keep ratio of this call (per-call value, else the config's), validated."""
+        # `from_pretrained(..., g2tr_*=...)` assigns after the config's own checks ran, so check again here.
+        self.config.validate_g2tr()
+        if g2tr_ratio is None:
+            return float(self.config.g2tr_ratio)
+        validate_reduction_options(ratio=g2tr_ratio, prefix="g2tr_")
+        return float(g2tr_ratio)
+
+    def _check_vae_inputs(self, vae_pixel_values, vae_image_hw) -> None:
+        if not isinstance(vae_pixel_values, torch.Tensor) or vae_pixel_values.dim() != 4:
+            raise ValueError(
+                "`vae_pixel_values` must be a tensor [num_images, 3, H_max, W_max], got "
+                f"{type(vae_pixel_values).__name__} of shape {tuple(getattr(vae_pixel_values, 'shape', ()))}."
+            )
+        if not isinstance(vae_image_hw, torch.Tensor) or vae_image_hw.shape != (vae_pixel_values.shape[0], 2):
+            raise ValueError(
+                f"`vae_image_hw` must be a tensor [{vae_pixel_values.shape[0]}, 2] of (H, W), got "
+                f"{tuple(getattr(vae_image_hw, 'shape', ()))}."
+            )
+        stride = self.vae_downsample * self.config.latent_patch_size
+        too_big = (vae_image_hw[:, 0] > vae_pixel_values.shape[2]) | (vae_image_hw[:, 1] > vae_pixel_values.shape[3])
+        if bool((vae_image_hw % stride != 0).any() | (vae_image_hw <= 0).any() | too_big.any()):
+            raise ValueError(
+                f"`vae_image_hw` must hold positive multiples of {stride} that fit in `vae_pixel_values` "
+                f"{tuple(vae_pixel_values.shape[2:])}, got {vae_image_hw.tolist()}."
+            )
+
+    def _check_image_inputs(
+        self,
+        input_ids: torch.Tensor,
+        block_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_position_ids: torch.Tensor | None,
+        image_grid_hw: torch.Tensor | None,
+    ) -> None:
+        """Image tokens, image blocks and packed patches must describe the same images."""
+        if not self.config.visual_und:
+            raise ValueError("The prompt holds image tokens but this model has no ViT (`config.visual_und=False`).")
+        for name, value in (
+            ("pixel_values", pixel_values),
+            ("image_position_ids", image_position_ids),
+            ("image_grid_hw", image_grid_hw),
+        ):
+            if value is None:
+                raise ValueError(f"The prompt holds image tokens, so `{name}` is required.")
+        patch_dim = self.config.vit_config.num_channels * self.config.vit_config.patch_size**2
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != patch_dim:
+            raise ValueError(
+                f"`pixel_values` must have shape [total_patches, {patch_dim}], got {tuple(pixel_values.shape)}."
+            )
+        if image_position_ids.shape != pixel_values.shape[:1]:
+            raise ValueError(
+                f"`image_position_ids` must have shape [{pixel_values.shape[0]}], got "
+                f"{tuple(image_position_ids.shape)}."
+            )
+        if image_grid_hw.dim() != 2 or image_grid_hw.shape[1] != 2:
+            raise ValueError(f"`image_grid_hw` must have shape [num_images, 2], got {tuple(image_grid_hw.shape)}.")
+        image_tokens = input_ids == self.config.image_token_id
+        num_images = image_grid_hw.shape[0]
+        tokens_per_block = torch.bincount(block_ids[image_tokens], minlength=num_images + 1)[1:]
+        starts = int((input_ids == self.config.vision_start_token_id).sum())
+        expected = image_grid_hw.prod(-1)
+        if (
+            starts != num_images
+            or bool((block_ids[image_tokens] == 0).any())
+            or tokens_per_block.shape[0] != num_images
+            or not torch.equal(tokens_per_block.cpu(), expected.cpu())
+            or int(expected.sum()) != pixel_values.shape[0]
+        ):
+            raise ValueError(
+                "The image blocks in `input_ids` do not match the images: expected one `<|vision_start|>` + "
+                f"h*w `<|image_pad|>` + `<|vision_end|>` block per row of `image_grid_hw` ({expected.tolist()} "
+                f"tokens), found {starts} blocks with {tokens_per_block.tolist()} image tokens and "
+                f"{pixel_values.shape[0]} patches in `pixel_values`."
+            )
+        max_id = self.config.vit_max_num_patch_per_side**2
+        if bool((image_position_ids < 0).any() | (image_position_ids >= max_id).any()):
+            raise ValueError(f"`image_position_ids` must lie in [0, {max_id}) (row * side + col).")
+
+    # --- cache layout -----------------------------------------------------------------------------------------------
+
+    def _cached_layout(
+        self, past_key_values: Cache | None, attention_mask: torch.Tensor | None, batch_size: int, device
+    ) -> BagelCacheLayout:
+        """The layout of what `past_key_values` already holds (empty for a fresh cache)."""
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        layout = getattr(past_key_values, _LAYOUT_ATTRIBUTE, None) if past_key_values is not None else None
+        if past_length == 0:
+            empty = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+            return BagelCacheLayout(empty.bool(), empty)
+        if layout is None:
+            # A cache filled outside this model: assume a plain text cache whose entries follow the caller's mask.
+            logger.warning_once(
+                "`past_key_values` carries no BAGEL layout; assuming its entries are plain text tokens aligned with "
+                "the first columns of `attention_mask`."
+            )
+            if attention_mask is not None and attention_mask.shape[1] >= past_length:
+                mask = attention_mask[:, :past_length].bool()
+            else:
+                mask = torch.ones(batch_size, past_length, dtype=torch.bool, device=device)
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            return BagelCacheLayout(mask.to(device), positions.to(device))
+        if layout.attention_mask.shape[1] < past_length:
+            raise ValueError(
+                f"`past_key_values` holds {past_length} entries but its BAGEL layout only "
+                f"{layout.attention_mask.shape[1]}: "
+                "the cache was extended outside this model without updating its layout."
+            )
+        # Caches can be cropped (e.g. when generation undoes a step); follow them.
+        return layout.cropped(past_length)
+
+    # --- forward ------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_position_ids: torch.LongTensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
+        vae_pixel_values: torch.FloatTensor | None = None,
+        vae_image_hw: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        g2tr_ratio: float | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> G2TRBagelCausalLMOutputWithPast | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Left-padded prompt ids with full-length image blocks (`<|vision_start|>`, h*w `<|image_pad|>`,
+                `<|vision_end|>`), or the new tokens after a cache.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)` or longer, *optional*):
+                The caller's 2-D mask; its last `sequence_length` columns describe `input_ids`. The cached part is
+                read from the cache's own layout (which is shorter under G2TR).
+            pixel_values (`torch.FloatTensor` of shape `(total_patches, 3 * 14 * 14)`, *optional*):
+                ViT patches of all images, packed in order of appearance, each flattened (row, col, channel),
+                values in [-1, 1].
+            image_position_ids (`torch.LongTensor` of shape `(total_patches,)`, *optional*):
+                Flattened 2-D patch ids `row * vit_max_num_patch_per_side + col`.
+            image_grid_hw (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): ViT grid (h_v, w_v) per image.
+            vae_pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H_max, W_max)`, *optional*):
+                VAE-sized images in [-1, 1], zero-padded bottom/right. Needed only when `g2tr_ratio < 1`.
+            vae_image_hw (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): each image's own (H, W).
+            past_key_values (`Cache`, *optional*): a transformers cache (a `DynamicCache` is created when
+                `use_cache` and none is given).
+            g2tr_ratio (`float`, *optional*): keep ratio for this call, in (0, 1]; defaults to `config.g2tr_ratio`.
+                1.0 skips the reduction entirely (no VAE encode).
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): next-token targets
+                aligned with `input_ids` (-100 = ignored); they follow the compaction.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*): compute logits only for the last `n` compact
+                positions (0 = all), or for the given compact indices.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else getattr(self.config.llm_config, "use_cache", True)
+        output_hidden_states = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        _check_text_inputs(input_ids, attention_mask)
+        ratio = self._resolve_g2tr_ratio(g2tr_ratio)
+        batch_size, length = input_ids.shape
+        device = input_ids.device
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config.get_text_config())
+        layout = self._cached_layout(past_key_values, attention_mask, batch_size, device)
+        new_mask = (
+            attention_mask[:, -length:].to(device).bool()
+            if attention_mask is not None
+            else torch.ones(batch_size, length, dtype=torch.bool, device=device)
+        )
+        block_ids, advances = image_block_structure(
+            input_ids, self.config.vision_start_token_id, self.config.vision_end_token_id
+        )
+        position_ids = rope_positions(advances, new_mask, layout.next_position.to(device))
+
+        # 1. Embed the prompt; image slots get the (reduced) ViT tokens, dropped slots are marked in `kept`.
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_tokens = input_ids == self.config.image_token_id
+        kept_token_mask, reductions = torch.ones_like(image_tokens), None
+        if bool(image_tokens.any()):
+            self._check_image_inputs(input_ids, block_ids, pixel_values, image_position_ids, image_grid_hw)
+            image_embeds, kept_patches, reductions = self._image_block_embeddings(
+                pixel_values, image_position_ids, image_grid_hw, vae_pixel_values, vae_image_hw, ratio
+            )
+            if kept_patches is not None:
+                kept_token_mask = kept_token_mask.clone()
+                kept_token_mask[image_tokens] = index_to_mask(kept_patches.to(device), pixel_values.shape[0])
+            slots = (image_tokens & kept_token_mask)[..., None]
+            image_embeds = image_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(slots, image_embeds)
+
+        # 2. Remove the dropped slots (each image block becomes K + 2 tokens) and re-left-pad the rows.
+        if not bool(kept_token_mask.all()):
+            index, filled = compaction_index(kept_token_mask)
+            inputs_embeds = inputs_embeds.gather(1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
+            new_mask = new_mask.gather(1, index) & filled
+            position_ids = position_ids.gather(1, index).masked_fill(~filled, 0)
+            block_ids = block_ids.gather(1, index).masked_fill(~filled, 0)
+            if labels is not None:
+                labels = labels.to(device).gather(1, index).masked_fill(~filled, -100)
+
+        # 3. One decoder pass with the block-causal mask against the cache (no mask for a lone unpadded query).
+        mask_4d = None
+        if inputs_embeds.shape[1] > 1 or not (bool(new_mask.all()) and bool(layout.attention_mask.all())):
+            mask_4d = block_causal_mask(layout.attention_mask.to(device), new_mask, block_ids)
+        outputs = self.language_model.model(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=mask_4d,
+            past_key_values=past_key_values,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        if past_key_values is not None:
+            setattr(past_key_values, _LAYOUT_ATTRIBUTE, layout.extended(new_mask, position_ids))
+
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.language_model.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.llm_config.vocab_size)
+
+        output = G2TRBagelCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=outputs.hidden_states,
+            attention_mask=new_mask.long(),
+            kept_token_mask=kept_token_mask,
+            image_reductions=reductions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # --- generation ---------------------------------------------------------------------------------------------
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        """The stock preparation, minus the image inputs after the prefill: the images are in the cache by then.
+
+        The caller's full-length `attention_mask` is passed on as is; `forward` reads only its newest columns and
+        takes the cached part (compact under G2TR) from the cache's layout, and derives RoPE positions itself.
+        """
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if not is_first_iteration and model_inputs.get("use_cache", True):
+            for key in _PATCH_INPUTS + _IMAGE_INPUTS:
+                model_inputs.pop(key, None)
+        return model_inputs
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor, dict]:
+        """Expansion for beams / several return sequences. The packed image tensors are not [batch, ...], so each
+        row's images (and their patches) are repeated as a group instead of row-wise."""
+        packed = {
+            key: model_kwargs.pop(key) for key in _PATCH_INPUTS + _IMAGE_INPUTS if model_kwargs.get(key) is not None
+        }
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if expand_size > 1 and packed:
+            if input_ids is None or "image_grid_hw" not in packed:
+                raise ValueError("Expanding image inputs for generation needs `input_ids` and `image_grid_hw`.")
+            images_per_row = (input_ids == self.config.vision_start_token_id).sum(-1)
+            image_order = _repeat_groups(images_per_row, expand_size)
+            patches_per_image = packed["image_grid_hw"].prod(-1)
+            patch_order = _gather_segments(patches_per_image, image_order.to(patches_per_image.device))
+            for key, value in packed.items():
+                order = patch_order if key in _PATCH_INPUTS else image_order
+                model_kwargs[key] = value.index_select(0, order.to(value.device))
+        else:
+            model_kwargs.update(packed)
+        return expanded_ids, model_kwargs
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also record this class under `AutoModel` in `auto_map`: transformers writes only the class it saves
+        under its registered auto class (hf-conventions.md §0.3)."""
+        if getattr(self, "_auto_class", None) is not None:
+            target = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", target)
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _check_text_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(
+            f"`input_ids` must be a LongTensor [batch_size, sequence_length], got {type(input_ids).__name__}"
+            f" of shape {tuple(getattr(input_ids, 'shape', ()))}."
+        )
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] < input_ids.shape[1]):
+        raise ValueError(
+            "`attention_mask` must be a 2-D mask [batch_size, length >= sequence_length], got shape "
+            f"{tuple(attention_mask.shape)} for `input_ids` {tuple(input_ids.shape)}."
+        )
+    if attention_mask is not None and attention_mask.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"`attention_mask` has {attention_mask.shape[0]} rows but `input_ids` has {input_ids.shape[0]}."
+        )
+
+
+def _segment_starts(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts, 0) - counts
+
+
+def _gather_segments(counts: torch.Tensor, segment_order: torch.Tensor) -> torch.Tensor:
+    """Element indices of the segments `segment_order` (segment i has `counts[i]` consecutive elements)."""
+    starts = _segment_starts(counts)[segment_order]
+    lengths = counts[segment_order]
+    offsets = torch.arange(int(lengths.sum()), device=counts.device) - _segment_starts(lengths).repeat_interleave(
+        lengths
+    )
+    return starts.repeat_interleave(lengths) + offsets
+
+
+def _repeat_groups(group_sizes: torch.Tensor, repeats: int) -> torch.Tensor:
+    """Indices that repeat each row's group of items `repeats` times: [A, B | C] -> [A, B, A, B | C, C]."""
+    rows = torch.arange(group_sizes.shape[0], device=group_sizes.device).repeat_interleave(repeats)
+    return _gather_segments(group_sizes, rows)
+
+
+G2TRBagelForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "BagelCacheLayout",
+    "G2TRBagelCausalLMOutputWithPast",
+    "G2TRBagelForConditionalGeneration",
+    "G2TRBagelPreTrainedModel",
+    "patchify_latents",
+    "sincos_2d_table",
+]

@@ -12,9 +12,12 @@ from transformers import (
     AutoProcessor,
 )
 
+from .configuration_bagel import G2TRBagelConfig
 from .configuration_g2tr import G2TRConfig
 from .configuration_internvlu import G2TRInternVLUConfig
+from .modeling_bagel import G2TRBagelForConditionalGeneration
 from .modeling_internvlu import G2TRInternVLUForConditionalGeneration
+from .processing_bagel import G2TRBagelImageProcessor, G2TRBagelProcessor
 from .processing_internvlu import G2TRInternVLUImageProcessor, G2TRInternVLUProcessor
 from .reduction import (
     ReductionResult,
@@ -42,11 +45,16 @@ def _register_auto_classes(config_class, model_class, processor_class, image_pro
     AutoImageProcessor.register(config_class, image_processor_classes={"pil": image_processor_class}, exist_ok=True)
 
 
+_register_auto_classes(G2TRBagelConfig, G2TRBagelForConditionalGeneration, G2TRBagelProcessor, G2TRBagelImageProcessor)
 _register_auto_classes(
     G2TRInternVLUConfig, G2TRInternVLUForConditionalGeneration, G2TRInternVLUProcessor, G2TRInternVLUImageProcessor
 )
 
 __all__ = [
+    "G2TRBagelConfig",
+    "G2TRBagelForConditionalGeneration",
+    "G2TRBagelImageProcessor",
+    "G2TRBagelProcessor",
     "G2TRConfig",
     "G2TRInternVLUConfig",
     "G2TRInternVLUForConditionalGeneration",

@@ -7,7 +7,36 @@ import torch
 
 __all__ = ["TINY_MODELS", "build_tiny"]
 
-TINY_MODELS = ("internvlu",)
+TINY_MODELS = ("bagel", "internvlu")
+
+
+def _tiny_bagel():
+    """Hidden 64, 2 MoT layers, 2 ViT layers (width 32), a 4-block VAE (x8, 8-16 channels); images up to 64 px for
+    the VAE and 56 px (4x4 patches) for the ViT. `g2tr_min_keep` is 1: the default 32 would keep all 16 tokens."""
+    from .configuration_bagel import G2TRBagelConfig
+    from .modeling_bagel import G2TRBagelForConditionalGeneration
+    from .processing_bagel import build_tiny_bagel_processor, build_tiny_bagel_tokenizer
+
+    _, ids = build_tiny_bagel_tokenizer()
+    config = G2TRBagelConfig(
+        llm_config=dict(
+            vocab_size=ids["vocab_size"],
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+        ),
+        vit_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        vae_config=dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4),
+        vit_max_num_patch_per_side=8,
+        max_latent_size=8,
+        g2tr_min_keep=1,
+        **{key: value for key, value in ids.items() if key != "vocab_size"},
+    )
+    processor = build_tiny_bagel_processor(vit_max_num_patch_per_side=config.vit_max_num_patch_per_side)
+    return G2TRBagelForConditionalGeneration(config), processor
 
 
 def _tiny_internvlu():
@@ -18,7 +47,7 @@ def _tiny_internvlu():
     return G2TRInternVLUForConditionalGeneration(build_tiny_internvlu_config()), build_tiny_processor()
 
 
-_BUILDERS = {"internvlu": _tiny_internvlu}
+_BUILDERS = {"bagel": _tiny_bagel, "internvlu": _tiny_internvlu}
 
 
 def build_tiny(name: str, seed: int = 0):

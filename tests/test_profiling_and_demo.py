@@ -1,8 +1,22 @@
+import pytest
+import torch
 from PIL import Image
 
+from g2tr_hf import build_tiny
 from g2tr_hf.cli import main
-from g2tr_hf.demo import run_demo
-from g2tr_hf.profiling import BAGEL_7B_LLM, DecoderShape, Segment, kv_cache_bytes, prefill_flops
+from g2tr_hf.demo import run_demo, run_understanding, synthetic_scene
+from g2tr_hf.profiling import (
+    BAGEL_7B_LLM,
+    DecoderShape,
+    Segment,
+    account_request,
+    decoder_shape,
+    kv_cache_bytes,
+    module_flops,
+    prefill_flops,
+    prompt_segments,
+)
+from g2tr_hf.reduction import keep_count
 
 
 def test_kv_bytes_per_token_at_bagel_shapes():
@@ -33,6 +47,8 @@ def test_cli_demo_writes_png(tmp_path, capsys):
     assert main(["demo", "--ratio", "0.25", "-o", str(output)]) == 0
     printed = capsys.readouterr().out
     assert "4900 / 1225" in printed and "prefill FLOPs" in printed
+    assert "Understanding request through the tiny built-in BAGEL" in printed
+    assert "ViT tokens in / kept:        16 / 4" in printed  # the tiny model's 4x4 grid at ratio 0.25
     with Image.open(output) as image:
         assert image.size == (1024, 1024)
 
@@ -40,3 +56,53 @@ def test_cli_demo_writes_png(tmp_path, capsys):
 def test_cli_bad_ratio_is_a_clear_error(tmp_path, capsys):
     assert main(["demo", "--ratio", "1.5", "-o", str(tmp_path / "x.png")]) == 2
     assert "`ratio` must be a number in (0, 1]" in capsys.readouterr().err
+
+
+def test_prompt_segments_split_text_and_image_blocks():
+    ids = torch.tensor([1, 2, 9, 5, 5, 5, 5, 8, 3, 9, 5, 5, 8])
+    assert prompt_segments(ids, 9, 8) == [
+        Segment(2), Segment(6, True, True), Segment(1), Segment(4, True, True)
+    ]
+    assert [s.length for s in prompt_segments(ids, 9, 8, [2, 1], bidirectional_images=False)] == [2, 4, 1, 3]
+    with pytest.raises(ValueError, match="kept_image_tokens"):
+        prompt_segments(ids, 9, 8, [2])
+    with pytest.raises(ValueError, match="markers"):
+        prompt_segments(ids[:-1], 9, 8)
+
+
+def test_module_flops_counts_a_linear_exactly_on_meta():
+    with torch.device("meta"):
+        linear = torch.nn.Linear(8, 16, bias=False)
+        x = torch.empty(5, 8)
+    assert module_flops(linear, x) == 2 * 5 * 8 * 16
+
+
+def test_accounting_matches_the_cache_of_the_tiny_bagel():
+    model, processor = build_tiny("bagel")
+    image = Image.new("RGB", (56, 40), (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "hi"}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    n = int(inputs["image_grid_hw"][0].prod())
+    k = keep_count(n, 0.5, model.config.g2tr_min_keep)
+    accounting = account_request(
+        inputs["input_ids"][0],
+        decoder_shape(model.config.llm_config),
+        image_start_token_id=model.config.vision_start_token_id,
+        image_end_token_id=model.config.vision_end_token_id,
+        kept_image_tokens=[k],
+    )
+    with torch.inference_mode():
+        full = model(**inputs, use_cache=True, g2tr_ratio=1.0).past_key_values.get_seq_length()
+        reduced = model(**inputs, use_cache=True, g2tr_ratio=0.5).past_key_values.get_seq_length()
+    assert accounting.image_tokens == (n,) and accounting.kv_entries == (full, reduced)
+    assert accounting.flops_ratio > 1.0
+
+
+def test_run_understanding_reports_both_ratios():
+    model, processor = build_tiny("bagel")
+    report = run_understanding(model, processor, synthetic_scene(64), "what is it?", 0.5, max_new_tokens=3)
+    assert (report.image_tokens, report.kept_tokens) == (16, 8)
+    assert report.cache_entries[0] - report.cache_entries[1] == 8
+    assert all(isinstance(answer, str) for answer in report.answers)

@@ -193,7 +193,7 @@ def test_input_types_agree():
     "bad",
     [
         np.zeros((0, 10, 3), dtype=np.uint8),
-        np.zeros((2, 2, 2, 3), dtype=np.uint8),
+        np.zeros((2, 2, 2, 2, 3), dtype=np.uint8),  # 5-D: neither an image nor a batch
         np.zeros((10, 10, 5), dtype=np.uint8),
         np.full((4, 4, 3), 300, dtype=np.int32),
         np.full((4, 4, 3), np.nan, dtype=np.float32),

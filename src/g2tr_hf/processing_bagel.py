@@ -34,6 +34,8 @@ from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
 
+from .image_utils import composite_on_white, flatten_images, to_pil_image
+
 
 __all__ = [
     "BAGEL_CHAT_TEMPLATE",
@@ -139,103 +141,14 @@ def bagel_resize_output_size(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _flatten_images(images: Any, argument_name: str = "images") -> list[Any]:
-    """Flatten (nested) lists of images, and 4-D arrays/tensors (a batch), into a flat list, in order."""
-    if isinstance(images, (list, tuple)):
-        return [image for item in images for image in _flatten_images(item, argument_name)]
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        return list(images)
-    if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor, str)):
-        return [images]
-    raise ValueError(
-        f"`{argument_name}` must hold PIL images, numpy arrays (H, W[, C]) or torch tensors (C, H, W), possibly in "
-        f"(nested) lists; got an object of type {type(images).__name__}."
-    )
-
-
-def _composite_on_white(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Upstream `pil_img2rgb`: RGBA or an image with a `transparency` entry is pasted onto white, the rest converted."""
-    if image.mode == "RGBA" or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = PIL.Image.new("RGB", rgba.size, (255, 255, 255))
-        white.paste(rgba, mask=rgba.getchannel("A"))
-        return white
-    return image.convert("RGB")
-
-
-def _array_to_uint8(array: np.ndarray, argument_name: str) -> np.ndarray:
-    """Floats in [0, 1] and integers in [0, 255] become uint8 (floats are rounded to the nearest level)."""
-    if array.dtype == np.uint8:
-        return array
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
-            raise ValueError(
-                f"`{argument_name}`: a floating-point image must hold finite values in [0, 1]; got the range "
-                f"[{array.min()}, {array.max()}]."
-            )
-        return np.rint(array * 255.0).astype(np.uint8)
-    if np.issubdtype(array.dtype, np.integer):
-        if array.min() < 0 or array.max() > 255:
-            raise ValueError(
-                f"`{argument_name}`: an integer image must hold values in [0, 255]; got the range "
-                f"[{array.min()}, {array.max()}]."
-            )
-        return array.astype(np.uint8)
-    raise ValueError(f"`{argument_name}`: unsupported image dtype {array.dtype}; use uint8 or float in [0, 1].")
-
-
-def _array_to_pil(array: np.ndarray, channels_first: bool, argument_name: str) -> PIL.Image.Image:
-    """A 2-D gray or 3-D array with 1, 3 or 4 channels (4 = RGBA, composited on white) as an RGB PIL image.
-
-    `channels_first` is the preferred layout (torch: CHW, numpy: HWC); the other one is accepted when the preferred
-    one does not fit.
-    """
-    if array.ndim == 3:
-        first_fits, last_fits = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
-        if first_fits and (channels_first or not last_fits):
-            array = np.moveaxis(array, 0, -1)
-        elif not last_fits:
-            raise ValueError(
-                f"`{argument_name}`: cannot find the channel axis of an image of shape {tuple(array.shape)}; expected "
-                "1, 3 or 4 channels, (H, W, C) for numpy arrays and (C, H, W) for torch tensors."
-            )
-        if array.shape[-1] == 1:
-            array = array[..., 0]
-    elif array.ndim != 2:
-        raise ValueError(
-            f"`{argument_name}`: an image array must have 2 or 3 dimensions (or 4 for a batch); got shape "
-            f"{tuple(array.shape)}."
-        )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"`{argument_name}`: got an empty image of shape {tuple(array.shape)}.")
-    # uint8 (H, W) / (H, W, 3) / (H, W, 4) become PIL modes L / RGB / RGBA.
-    array = np.ascontiguousarray(_array_to_uint8(array, argument_name))
-    return _composite_on_white(PIL.Image.fromarray(array))
-
-
 def to_rgb_pil(image: Any, argument_name: str = "images") -> PIL.Image.Image:
-    """One input image (PIL in any mode, numpy HWC/HW, torch CHW/HW) as an 8-bit RGB PIL image, as upstream sees it."""
-    if isinstance(image, PIL.Image.Image):
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"`{argument_name}`: got an empty PIL image of size {image.size}.")
-        try:
-            return _composite_on_white(image)
-        except ValueError as error:
-            raise ValueError(f"`{argument_name}`: cannot convert a PIL image of mode {image.mode} to RGB.") from error
-    if isinstance(image, torch.Tensor):
-        if image.is_complex() or image.dtype == torch.bool:
-            raise ValueError(f"`{argument_name}`: unsupported tensor dtype {image.dtype}.")
-        image = image.detach().cpu()
-        if image.is_floating_point():
-            image = image.float()
-        return _array_to_pil(image.numpy(), channels_first=True, argument_name=argument_name)
-    if isinstance(image, np.ndarray):
-        if image.dtype == np.bool_:
-            raise ValueError(f"`{argument_name}`: unsupported array dtype bool.")
-        return _array_to_pil(image, channels_first=False, argument_name=argument_name)
-    raise ValueError(
-        f"`{argument_name}` must hold PIL images, numpy arrays or torch tensors; got {type(image).__name__}."
-    )
+    """One input image (PIL in any mode, numpy HWC/HW, torch CHW/HW, path) as an 8-bit RGB PIL image, as upstream
+    sees it: RGBA (or a `transparency` entry) composited on white, other modes converted (`pil_img2rgb`)."""
+    image = to_pil_image(image, argument_name)
+    try:
+        return composite_on_white(image)
+    except ValueError as error:
+        raise ValueError(f"`{argument_name}`: {error}") from error
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,14 +343,6 @@ class G2TRBagelImageProcessor(PilBackend):
             "max_pixels": settings["max_pixels"],
         }
 
-    def _load_if_path(self, image: Any) -> Any:
-        if not isinstance(image, str):
-            return image
-        try:
-            return self.fetch_images(image)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"`images`: cannot load the image {image!r}: {error}") from error
-
     def _resize_with_rule(self, image: PIL.Image.Image, settings: dict[str, Any], prefix: str) -> PIL.Image.Image:
         """Resize with the `prefix` ("vae" / "vit") rule; to the current size this is an identical copy, as upstream."""
         height, width = bagel_resize_output_size(image.height, image.width, **self._rule(settings, prefix))
@@ -456,7 +361,7 @@ class G2TRBagelImageProcessor(PilBackend):
         """Run the official VAE and ViT transforms on `images`; see the class docstring for the outputs."""
         return_tensors = kwargs.get("return_tensors")
         settings = self._resolve_settings(kwargs)
-        flat_images = [self._load_if_path(image) for image in _flatten_images(images)]
+        flat_images = flatten_images(images)
         if not flat_images:
             raise ValueError("`images` is empty: pass at least one image.")
 
@@ -632,7 +537,7 @@ class G2TRBagelProcessor(ProcessorMixin):
 
     def _check_placeholders(self, text: list[str], images: Any) -> None:
         num_placeholders = sum(sample.count(self.image_token) for sample in text)
-        num_images = len(_flatten_images(images)) if images is not None else 0
+        num_images = len(flatten_images(images)) if images is not None else 0
         if num_placeholders != num_images:
             raise ValueError(
                 f"`text` holds {num_placeholders} image placeholder(s) ({self.image_token}) but `images` holds "

@@ -27,11 +27,11 @@ import torch
 from transformers import PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.image_utils import load_image
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
 from .configuration_internvlu import DEFAULT_SYSTEM_MESSAGE, TINY_IMAGE_SIZE, TINY_SPECIAL_TOKENS
+from .image_utils import composite_on_white, flatten_images, to_pil_image
 
 
 logger = logging.get_logger(__name__)
@@ -112,68 +112,14 @@ def normalize_question(text: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
-    """[H, W], [H, W, C] or [C, H, W] array (C in 1, 3, 4) -> PIL image.
-
-    Integer arrays must hold values in [0, 255]; float arrays in [0, 1] are scaled by 255, float arrays in
-    [0, 255] are taken as is.
-    """
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3:
-        raise ValueError(f"`images`: an array image must have 2 or 3 dimensions, got shape {array.shape}.")
-    if array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = array.transpose(1, 2, 0)
-    if array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"`images`: expected 1, 3 or 4 channels, got an array of shape {array.shape}.")
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"`images`: got an empty image of shape {array.shape}.")
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    elif np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ValueError("`images`: the array holds NaN or infinite values.")
-        low, high = float(array.min()), float(array.max())
-        if low < 0 or high > 255:
-            raise ValueError(f"`images`: float pixel values must lie in [0, 1] or [0, 255], got [{low}, {high}].")
-        array = np.round(array * 255 if high <= 1.0 else array).astype(np.uint8)
-    elif np.issubdtype(array.dtype, np.integer):
-        if array.min() < 0 or array.max() > 255:
-            raise ValueError("`images`: integer pixel values must lie in [0, 255].")
-        array = array.astype(np.uint8)
-    else:
-        raise ValueError(f"`images`: unsupported array dtype {array.dtype}.")
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1]]
-    return PIL.Image.fromarray(array[..., 0] if mode == "L" else array, mode=mode)
-
-
 def to_rgb_image(image: Any) -> PIL.Image.Image:
-    """Any supported image (PIL in any mode, numpy, torch, URL / path / base64 string) -> RGB PIL image.
-
-    Transparency is composited on white, as transformers' `convert_to_rgb`.
-    """
-    if isinstance(image, str):
-        image = load_image(image)
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if isinstance(image, np.ndarray):
-        image = _array_to_pil(image)
-    if not isinstance(image, PIL.Image.Image):
-        raise ValueError(
-            "`images` must be PIL images, numpy arrays, torch tensors or image URLs/paths, "
-            f"got {type(image).__name__}."
-        )
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"`images`: got an empty image of size {image.size}.")
-    if image.mode == "RGB":
-        return image
-    rgba = image.convert("RGBA")
-    background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _is_image(value: Any) -> bool:
-    return isinstance(value, (PIL.Image.Image, np.ndarray, torch.Tensor, str))
+    """Any supported image (PIL in any mode, numpy, torch, URL / path) -> RGB PIL image, transparency composited
+    on white (as transformers' `convert_to_rgb`)."""
+    image = to_pil_image(image, "images")
+    try:
+        return composite_on_white(image, every_alpha_mode=True)
+    except ValueError as error:
+        raise ValueError(f"`images`: {error}") from error
 
 
 def _resize_normalize(image: PIL.Image.Image, size: int, resample: int, mean, std) -> np.ndarray:
@@ -246,23 +192,6 @@ class G2TRInternVLUImageProcessor(BaseImageProcessor):
 
     def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, **kwargs)
-
-
-def flatten_images(images: Any) -> list[Any]:
-    """One image, a list of images or a list of lists of images -> flat list (None entries dropped)."""
-    if images is None:
-        return []
-    if _is_image(images):
-        return [images]
-    if isinstance(images, (list, tuple)):
-        flat = []
-        for entry in images:
-            flat.extend(flatten_images(entry))
-        return flat
-    raise ValueError(
-        "`images` must be an image (PIL, numpy, torch, URL/path), a list of images or a list of lists of images, "
-        f"got {type(images).__name__}."
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -41,3 +41,14 @@ def test_override_after_construction_is_caught_by_validate():
     config.g2tr_ratio = 1.5  # what a from_pretrained kwarg does: assigned after __post_init__
     with pytest.raises(ValueError, match="`g2tr_ratio`"):
         config.validate_g2tr()
+
+
+def test_resolve_ratio_and_reduction_kwargs():
+    config = G2TRConfig(g2tr_ratio=0.5, g2tr_min_keep=4, g2tr_method="topk", g2tr_merge=False)
+    assert config.resolve_g2tr_ratio() == 0.5
+    assert config.resolve_g2tr_ratio(0.25) == 0.25
+    with pytest.raises(ValueError, match="`g2tr_ratio`"):
+        config.resolve_g2tr_ratio(0.0)
+    assert config.g2tr_reduction_kwargs() == {
+        "min_keep": 4, "method": "topk", "merge": False, "merge_scaling": 1.0, "cell_mapping": "corner"
+    }

@@ -65,5 +65,27 @@ class G2TRConfig(PreTrainedConfig):
             prefix="g2tr_",
         )
 
+    def resolve_g2tr_ratio(self, g2tr_ratio: float | None = None) -> float:
+        """The keep ratio of one call: `g2tr_ratio` when given (validated), else the config's.
+
+        The config itself is validated again first, because `from_pretrained(..., g2tr_ratio=...)` assigns its
+        overrides after `__post_init__` has run.
+        """
+        self.validate_g2tr()
+        if g2tr_ratio is None:
+            return float(self.g2tr_ratio)
+        validate_reduction_options(ratio=g2tr_ratio, prefix="g2tr_")
+        return float(g2tr_ratio)
+
+    def g2tr_reduction_kwargs(self) -> dict:
+        """The keyword options of `reduction.reduce_tokens` held by this config (everything but the ratio)."""
+        return {
+            "min_keep": self.g2tr_min_keep,
+            "method": self.g2tr_method,
+            "merge": self.g2tr_merge,
+            "merge_scaling": self.g2tr_merge_scaling,
+            "cell_mapping": self.g2tr_cell_mapping,
+        }
+
 
 __all__ = ["G2TRConfig"]

@@ -46,7 +46,6 @@ from .reduction import (
     interpolate_channels,
     keep_count,
     reduce_tokens,
-    validate_reduction_options,
 )
 
 
@@ -554,23 +553,10 @@ class G2TRInternVLUForConditionalGeneration(G2TRInternVLUPreTrainedModel, Genera
                 image_anchors.to(device=features.device, dtype=features.dtype),
                 anchor_grid,
                 ratio=ratio,
-                min_keep=self.config.g2tr_min_keep,
-                method=self.config.g2tr_method,
-                merge=self.config.g2tr_merge,
-                merge_scaling=self.config.g2tr_merge_scaling,
-                cell_mapping=self.config.g2tr_cell_mapping,
+                **self.config.g2tr_reduction_kwargs(),
             )
             for features, (image_anchors, anchor_grid) in zip(image_features, anchors)
         ]
-
-    def _resolve_ratio(self, g2tr_ratio: float | None) -> float:
-        """The keep ratio of this call (per-call value, else the config's), validated."""
-        # `from_pretrained(..., g2tr_ratio=...)` assigns after the config's own validation: validate again here.
-        self.config.validate_g2tr()
-        if g2tr_ratio is None:
-            return float(self.config.g2tr_ratio)
-        validate_reduction_options(ratio=g2tr_ratio, prefix="g2tr_")
-        return float(g2tr_ratio)
 
     def _check_vae_inputs(self, num_images: int, vae_pixel_values: torch.Tensor | None, ratio: float) -> None:
         if self.vae is None:
@@ -688,7 +674,7 @@ class G2TRInternVLUForConditionalGeneration(G2TRInternVLUPreTrainedModel, Genera
                 inputs_embeds = self.apply_special_token_embeddings(inputs_embeds, input_ids)
             if pixel_values is not None:
                 image_features = self.get_image_features(pixel_values)
-                ratio = self._resolve_ratio(g2tr_ratio)
+                ratio = self.config.resolve_g2tr_ratio(g2tr_ratio)
                 num_images, tokens_per_image = image_features.shape[:2]
                 min_keep = self.config.g2tr_min_keep
                 if keep_count(tokens_per_image, ratio, min_keep) < tokens_per_image:

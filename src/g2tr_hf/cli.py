@@ -176,6 +176,33 @@ def _add_bagel_file_commands(commands: argparse._SubParsersAction) -> None:
     export.set_defaults(run=_export)
 
 
+def _convert_internvlu(args: argparse.Namespace) -> int:
+    from .convert_internvlu import convert_internvlu
+
+    card = _default_model_card("internvlu")
+    if card is None:
+        logger.info("model_cards/internvlu.md not found (installed package): the folder gets no README.md")
+    convert_internvlu(
+        args.source, args.destination, ratio=args.ratio, link=args.link, model_card=card, overwrite=args.overwrite
+    )
+    print(f"Converted {args.source} -> {args.destination} (g2tr_ratio={args.ratio})")
+    return 0
+
+
+def _add_internvlu_file_commands(commands: argparse._SubParsersAction) -> None:
+    """`g2tr-hf convert internvlu SRC DST`."""
+    convert = _model_subcommands(commands, "convert", "convert an official checkpoint into a loadable folder")
+    internvlu = convert.add_parser("internvlu", help="an InternVL-U snapshot folder (vlm/, vae/, processor/, ...)")
+    internvlu.add_argument("source", help="snapshot folder with the official sub-folders")
+    internvlu.add_argument("destination", help="folder to write (atomically)")
+    internvlu.add_argument("--ratio", type=float, default=0.5, help="g2tr_ratio stored in config.json (default 0.5)")
+    internvlu.add_argument(
+        "--link", choices=("hardlink", "symlink", "copy"), default="hardlink", help="how the vlm weights are placed"
+    )
+    internvlu.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    internvlu.set_defaults(run=_convert_internvlu)
+
+
 def _bagel_pipeline(args: argparse.Namespace):
     """The BAGEL editing / generation pipeline of `--model`, or of the tiny built-in BAGEL; and a description."""
     from .pipeline_bagel import G2TRBagelPipeline
@@ -318,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=16, help="answer length (default 16)")
     demo.set_defaults(run=_demo)
     _add_bagel_file_commands(commands)
+    _add_internvlu_file_commands(commands)
     _add_bagel_image_commands(commands)
     return parser
 

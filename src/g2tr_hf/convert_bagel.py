@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +32,7 @@ from transformers import AutoTokenizer, GenerationConfig, Qwen2Config
 from transformers.utils import logging
 
 from .configuration_bagel import G2TRBagelConfig
-from .hub import atomic_directory, model_auto_map, remote_code_files, render_model_card
+from .hub import atomic_directory, model_auto_map, place_file, render_model_card, write_remote_code
 from .modeling_bagel import G2TRBagelForConditionalGeneration
 from .processing_bagel import G2TRBagelImageProcessor, G2TRBagelProcessor
 
@@ -236,22 +235,6 @@ def _build_processor(config: G2TRBagelConfig, tokenizer) -> G2TRBagelProcessor:
     return G2TRBagelProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def _place_weights(source: Path, target: Path, link: str) -> None:
-    # A Hub cache snapshot holds relative symbolic links into its blobs folder: link the file they point at, never the
-    # link itself (a hard link of a relative link would dangle in the destination).
-    source = source.resolve()
-    if link == "copy":
-        shutil.copy2(source, target)
-        return
-    if link == "hardlink":
-        try:
-            os.link(source, target)
-            return
-        except OSError as error:  # another file system: fall back to a symbolic link
-            logger.warning("hard link of %s failed (%s); using a symbolic link", source, error)
-    os.symlink(source, target)
-
-
 def convert_bagel(
     source: str | os.PathLike,
     destination: str | os.PathLike,
@@ -306,7 +289,7 @@ def convert_bagel(
         card = render_model_card(Path(model_card), ratio=ratio, min_keep=config.g2tr_min_keep, source=source.name)
 
     with atomic_directory(destination, overwrite=overwrite) as staging:
-        _place_weights(source / "ema.safetensors", staging / "ema.safetensors", link)
+        place_file(source / "ema.safetensors", staging / "ema.safetensors", link)
         save_file(vae_state, staging / "vae.safetensors", metadata={"format": "pt"})
         weight_map = {key: "ema.safetensors" for key in ema_shapes}
         weight_map.update({key: "vae.safetensors" for key in vae_state})
@@ -318,8 +301,7 @@ def convert_bagel(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
         ).save_pretrained(staging)
         processor.save_pretrained(staging)
-        for code in remote_code_files([type(config), G2TRBagelForConditionalGeneration, type(processor)]):
-            shutil.copy2(code, staging / code.name)
+        write_remote_code(staging, [type(config), G2TRBagelForConditionalGeneration, type(processor)])
         if card is not None:
             (staging / "README.md").write_text(card, encoding="utf-8")
     logger.info("Converted %s to %s", source, destination)

@@ -23,7 +23,16 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["atomic_directory", "export", "model_auto_map", "push_to_hub", "remote_code_files", "render_model_card"]
+__all__ = [
+    "atomic_directory",
+    "export",
+    "model_auto_map",
+    "place_file",
+    "push_to_hub",
+    "remote_code_files",
+    "render_model_card",
+    "write_remote_code",
+]
 
 # The Auto classes a g2tr_hf model folder maps; AutoModel deliberately returns the full generation-capable model.
 MODEL_AUTO_CLASSES = ("AutoModel", "AutoModelForImageTextToText")
@@ -58,6 +67,28 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
         raise
 
 
+def place_file(source: str | os.PathLike, target: str | os.PathLike, link: str = "hardlink") -> None:
+    """Put `source` at `target` without copying where possible: "hardlink" (a symbolic link when the hard link
+    fails, e.g. across file systems), "symlink" or "copy".
+
+    A Hub cache snapshot holds relative symbolic links into its blobs folder, so the file they point at is linked,
+    never the link itself (a hard link of a relative link would dangle in the destination).
+    """
+    if link not in ("hardlink", "symlink", "copy"):
+        raise ValueError(f"`link` must be 'hardlink', 'symlink' or 'copy', got {link!r}.")
+    source, target = Path(source).resolve(), Path(target)
+    if link == "copy":
+        shutil.copy2(source, target)
+        return
+    if link == "hardlink":
+        try:
+            os.link(source, target)
+            return
+        except OSError as error:  # another file system: fall back to a symbolic link
+            logger.warning("hard link of %s failed (%s); using a symbolic link", source, error)
+    os.symlink(source, target)
+
+
 def _module_file(cls: type) -> Path:
     module = sys.modules[cls.__module__]
     if module.__name__ == "__main__" or not getattr(module, "__file__", None):
@@ -74,6 +105,14 @@ def remote_code_files(classes: Iterable[type]) -> list[Path]:
         for extra in get_relative_import_files(main_file):
             files[Path(extra)] = None
     return list(files)
+
+
+def write_remote_code(folder: str | os.PathLike, classes: Iterable[type]) -> list[Path]:
+    """Copy the flat module files of `classes` (and their siblings) into `folder`. Returns the written paths."""
+    written = []
+    for source in remote_code_files(classes):
+        written.append(Path(shutil.copy2(source, Path(folder) / source.name)))
+    return written
 
 
 def _class_ref(cls: type) -> str:
@@ -143,9 +182,7 @@ def export(
         model.save_pretrained(staging, safe_serialization=safe_serialization)
         if processor is not None:
             processor.save_pretrained(staging)
-        classes = [type(config), type(model)] + ([type(processor)] if processor is not None else [])
-        for source in remote_code_files(classes):
-            shutil.copy2(source, staging / source.name)
+        write_remote_code(staging, [type(config), type(model)] + ([type(processor)] if processor is not None else []))
         (staging / "README.md").write_text(model_card or _default_model_card(model), encoding="utf-8")
     logger.info("Exported %s to %s", type(model).__name__, path)
     return Path(path)

@@ -1,0 +1,303 @@
+"""What G2TR saves and costs on InternVL-U prefill: analytic accounting at the real shapes, then measured prefill of a
+mid-size random InternVL-U model, keep ratio 0.5 against 1.0 (reduction off) in one run.
+
+Setting: one 448x448 image (one tile: 256 `<IMG_CONTEXT>` between `<img>` and `</img>`) and a 30-token English
+question, in the official `qwen2_5-chat-v3` prompt with the Chinese InternVL system prompt, as
+`G2TRInternVLUProcessor` emits it.
+
+1. Accounting at InternVL-U shapes (Qwen3-1.7B-class LLM: hidden 2048, 28 layers, 16 query / 8 KV heads of 128,
+   SwiGLU 6144, vocab 151936; shared/specs/internvlu.md §1.4):
+   - prompt tokens = KV-cache entries after prefill, and KV bytes in bf16 (`g2tr_hf.profiling.kv_cache_bytes`);
+   - LLM prefill FLOPs from `g2tr_hf.profiling.prefill_flops`. InternVL-U's LLM is causal over the whole prompt
+     (image tokens included), so every segment is causal. Qwen3's q/k RMSNorms are left out like the other norms;
+   - the stages G2TR does not shrink or adds, counted by torch's FlopCounterMode on the meta device (no weights,
+     no memory): InternViT-300M + pixel shuffle + `mlp1` (unchanged), and the Qwen-Image VAE encode of the 448 px
+     image that builds the anchors (added whenever r < 1).
+2. Measured prefill on CPU (random weights): real 448 px / patch-14 ViT geometry (1025 ViT tokens, 256 visual
+   tokens) with a narrow ViT, an LLM of hidden 1024 x 6 layers, and a small 16-channel Qwen-Image-style VAE. One
+   prefill = `model(..., use_cache=True, logits_to_keep=1)` as `generate` runs it; median of `--repeats` runs, both
+   ratios interleaved in the same process. The VAE anchor stage is also timed on its own.
+
+Prompt token counts: without `--tokenizer` the script uses counts measured with the Qwen2/Qwen3 byte-level BPE
+(151643 merges) on the exact prompt text of our processor: system turn 37 tokens, user header 3, image 258, "\\n" 1,
+question 30, end of turn 2, assistant header 3 = 334. That BPE is the one the InternVL-U tokenizer extends; the
+real `processor/tokenizer.json` was not available offline, so this is unverified: pass
+`--tokenizer <snapshot>/processor` to recount with it.
+
+Usage: python benchmarks/bench_internvlu_prefill.py [--repeats 5] [--threads N] [--tokenizer DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from g2tr_hf.configuration_internvlu import QWEN_IMAGE_VAE_CONFIG, G2TRInternVLUConfig
+from g2tr_hf.modeling_internvlu import G2TRInternVLUForConditionalGeneration
+from g2tr_hf.profiling import DecoderShape, Segment, kv_cache_bytes, prefill_flops
+from g2tr_hf.reduction import keep_count, reduce_tokens
+
+
+# The LLM of InternVL-U (Qwen3-1.7B-shaped; internvlu.md §1.4). d_q = 16 * 128 = 2048 = hidden size.
+INTERNVLU_LLM = DecoderShape(
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+)
+RATIOS = (1.0, 0.5)
+MIN_KEEP = 32  # InternVL-U's g2tr_min_keep; it binds only below ratio 0.125
+IMAGE_SIZE = 448
+# 30 tokens with the Qwen BPE after the processor's normalisation (which appends the final ".").
+QUESTION = (
+    "What is the man in the red jacket holding in his left hand, and what does the sign behind him say about the "
+    "opening hours on Sunday morning"
+)
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """Token counts of one single-image prompt, in order (image block = `<img>` + T + `</img>`)."""
+
+    before_image: int  # system turn + user header
+    image_tokens: int  # T = 256
+    after_image: int  # "\n" + question + end of turn + assistant header
+
+    def total(self, kept: int) -> int:
+        return self.before_image + kept + 2 + self.after_image
+
+    def segments(self, kept: int) -> list[Segment]:
+        # Causal throughout: InternVL-U's LLM has no bidirectional image block.
+        return [Segment(self.before_image), Segment(kept + 2), Segment(self.after_image)]
+
+
+# Measured with the Qwen BPE (see the module docstring): 37 + 3 | 256 | 1 + 30 + 2 + 3.
+MEASURED_LAYOUT = PromptLayout(before_image=40, image_tokens=256, after_image=36)
+
+
+def count_layout(tokenizer_dir: str) -> PromptLayout:
+    """Recount the layout with a real tokenizer, through the processor exactly as a user's call goes."""
+    import PIL.Image
+    from transformers import AutoTokenizer
+
+    from g2tr_hf.processing_internvlu import G2TRInternVLUImageProcessor, G2TRInternVLUProcessor
+
+    processor = G2TRInternVLUProcessor(
+        image_processor=G2TRInternVLUImageProcessor(image_size=IMAGE_SIZE),
+        tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir),
+    )
+    image = PIL.Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+    content = [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]
+    ids = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    ids = ids[0] if ids and isinstance(ids[0], list) else ids
+    start = ids.index(processor.tokenizer.convert_tokens_to_ids("<img>"))
+    end = ids.index(processor.tokenizer.convert_tokens_to_ids("</img>"))
+    return PromptLayout(before_image=start, image_tokens=end - start - 1, after_image=len(ids) - end - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Accounting at the real shapes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def meta_flops(fn) -> int:
+    """FLOPs of `fn()` counted by torch's FlopCounterMode (matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def unreduced_stage_flops() -> tuple[int, int]:
+    """(ViT + pixel shuffle + mlp1, VAE encode) FLOPs of one 448 px image at InternVL-U's real shapes."""
+    with torch.device("meta"):
+        model = G2TRInternVLUForConditionalGeneration(G2TRInternVLUConfig(vae_config=QWEN_IMAGE_VAE_CONFIG))
+        pixels = torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+        vit = meta_flops(lambda: model.get_image_features(pixels))
+        vae = meta_flops(lambda: model.vae.encode(pixels.unsqueeze(2)).latent_dist.mode())
+    return vit, vae
+
+
+def print_accounting(layout: PromptLayout) -> None:
+    vit_flops, vae_flops = unreduced_stage_flops()
+    rows = []
+    for ratio in RATIOS:
+        kept = keep_count(layout.image_tokens, ratio, MIN_KEEP)
+        tokens = layout.total(kept)
+        llm = prefill_flops(layout.segments(kept), INTERNVLU_LLM)
+        anchors = vae_flops if kept < layout.image_tokens else 0
+        rows.append((ratio, kept, tokens, kv_cache_bytes(tokens, INTERNVLU_LLM), llm, anchors))
+    full, reduced = rows[0], rows[1]
+
+    print(f"Accounting at InternVL-U shapes: one {IMAGE_SIZE}x{IMAGE_SIZE} image + a 30-token question "
+          f"(prompt: {layout.before_image} + {layout.image_tokens + 2} + {layout.after_image} tokens)")
+    print()
+    print("| | ratio 1.0 (off) | ratio 0.5 | change |")
+    print("|---|---|---|---|")
+    print(f"| visual tokens into the LLM | {full[1]} | {reduced[1]} | {full[1] / reduced[1]:.2f}x fewer |")
+    print(f"| prompt tokens = KV-cache entries after prefill | {full[2]} | {reduced[2]} | "
+          f"{full[2] / reduced[2]:.2f}x fewer |")
+    print(f"| KV cache, bf16 (MiB) | {full[3] / 2**20:.1f} | {reduced[3] / 2**20:.1f} | "
+          f"{full[3] / reduced[3]:.2f}x less |")
+    print(f"| LLM prefill (GFLOP, analytic) | {full[4] / 1e9:.0f} | {reduced[4] / 1e9:.0f} | "
+          f"{full[4] / reduced[4]:.2f}x less |")
+    print(f"| ViT + mlp1 (GFLOP, unchanged) | {vit_flops / 1e9:.0f} | {vit_flops / 1e9:.0f} | |")
+    print(f"| VAE encode for the anchors (GFLOP) | {full[5] / 1e9:.0f} | {reduced[5] / 1e9:.0f} | added |")
+    total_full, total_reduced = full[4] + vit_flops + full[5], reduced[4] + vit_flops + reduced[5]
+    change = total_reduced / total_full
+    change_text = f"{change:.2f}x more" if change > 1 else f"{1 / change:.2f}x less"
+    print(f"| whole prefill stage (GFLOP) | {total_full / 1e9:.0f} | {total_reduced / 1e9:.0f} | {change_text} |")
+    print()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Measured prefill of a mid-size random model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mid_size_config() -> G2TRInternVLUConfig:
+    """Real 448 px / patch 14 geometry and token ids; narrow ViT, 1024 x 6 LLM, 16-channel VAE of width 16."""
+    return G2TRInternVLUConfig(
+        vision_config={
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "image_size": IMAGE_SIZE,
+            "patch_size": 14,
+        },
+        text_config={
+            "vocab_size": INTERNVLU_LLM.vocab_size,
+            "hidden_size": 1024,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            "tie_word_embeddings": False,
+        },
+        vae_config={**QWEN_IMAGE_VAE_CONFIG, "base_dim": 16, "num_res_blocks": 1},
+        g2tr_min_keep=MIN_KEEP,
+    )
+
+
+def prefill_inputs(config: G2TRInternVLUConfig, layout: PromptLayout, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A prompt with the layout's token counts (random text ids), one image and its VAE pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(0, 151000, (n,), generator=generator)  # noqa: E731  (ordinary tokens only)
+    image_block = torch.tensor(
+        [config.image_start_token_id] + [config.image_token_id] * layout.image_tokens + [config.image_end_token_id]
+    )
+    input_ids = torch.cat([text(layout.before_image), image_block, text(layout.after_image)])[None]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),
+        "vae_pixel_values": torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * 2 - 1,
+        "vae_pixel_sizes": torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]]),
+    }
+
+
+def speed(reference: float, candidate: float) -> str:
+    """'1.48x faster' / '1.79x slower' for two durations."""
+    return f"{reference / candidate:.2f}x faster" if candidate <= reference else f"{candidate / reference:.2f}x slower"
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def print_measured(layout: PromptLayout, repeats: int) -> None:
+    torch.manual_seed(0)
+    config = mid_size_config()
+    model = G2TRInternVLUForConditionalGeneration(config).eval()
+    inputs = prefill_inputs(config, layout)
+    hidden = config.text_config.hidden_size
+    kept = {ratio: keep_count(layout.image_tokens, ratio, MIN_KEEP) for ratio in RATIOS}
+
+    with torch.inference_mode():
+        features = model.get_image_features(inputs["pixel_values"])
+        ((anchors, anchor_grid),) = model.get_latent_anchors(inputs["vae_pixel_values"], inputs["vae_pixel_sizes"])
+        side = config.image_grid_size
+        embeds = {ratio: torch.randn(1, layout.total(kept[ratio]), hidden) for ratio in RATIOS}
+        stages = {
+            "prefill 1.0": lambda: model(**inputs, g2tr_ratio=1.0, use_cache=True, logits_to_keep=1),
+            "prefill 0.5": lambda: model(**inputs, g2tr_ratio=0.5, use_cache=True, logits_to_keep=1),
+            "vision": lambda: model.get_image_features(inputs["pixel_values"]),
+            "anchors": lambda: model.get_latent_anchors(inputs["vae_pixel_values"], inputs["vae_pixel_sizes"]),
+            "select+merge": lambda: reduce_tokens(
+                features[0], (side, side), anchors, anchor_grid, ratio=0.5, min_keep=MIN_KEEP
+            ),
+            **{
+                f"llm {ratio}": (
+                    lambda ratio=ratio: model.language_model(
+                        inputs_embeds=embeds[ratio], use_cache=True, logits_to_keep=1
+                    )
+                )
+                for ratio in RATIOS
+            },
+        }
+        cache_lengths = {r: stages[f"prefill {r}"]().past_key_values.get_seq_length() for r in RATIOS}  # warm-up
+        for fn in stages.values():
+            fn()
+        # Interleave the stages so that noise from other processes on the machine hits all of them alike.
+        samples: dict[str, list[float]] = {name: [] for name in stages}
+        for _ in range(repeats):
+            for name, fn in stages.items():
+                samples[name].append(seconds(fn))
+    ms = {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+
+    parameters = sum(p.numel() for p in model.parameters())
+    vae_parameters = sum(p.numel() for p in model.vae.parameters())
+    print(f"Measured prefill, mid-size random model ({parameters / 1e6:.0f}M parameters, of which VAE "
+          f"{vae_parameters / 1e6:.1f}M): ViT {config.vision_config.hidden_size} wide x "
+          f"{config.vision_config.num_hidden_layers} layers at {IMAGE_SIZE} px (1025 tokens), LLM "
+          f"{hidden} x {config.text_config.num_hidden_layers} layers, VAE base_dim {config.vae_config['base_dim']}; "
+          f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32, "
+          f"median of {repeats}")
+    print()
+    print("| stage | ratio 1.0 (off) | ratio 0.5 | change |")
+    print("|---|---|---|---|")
+    print(f"| KV-cache entries after prefill (measured) | {cache_lengths[1.0]} | {cache_lengths[0.5]} | "
+          f"{cache_lengths[1.0] / cache_lengths[0.5]:.2f}x fewer |")
+    print(f"| ViT + mlp1 (ms) | {ms['vision']:.1f} | {ms['vision']:.1f} | unchanged |")
+    print(f"| VAE anchors: encode + pool + interpolate (ms) | 0 | {ms['anchors']:.1f} | added |")
+    print(f"| selection + merge (ms) | 0 | {ms['select+merge']:.1f} | added |")
+    print(f"| LLM prefill alone (ms) | {ms['llm 1.0']:.1f} | {ms['llm 0.5']:.1f} | "
+          f"{speed(ms['llm 1.0'], ms['llm 0.5'])} |")
+    print(f"| whole prefill, end to end (ms) | {ms['prefill 1.0']:.1f} | {ms['prefill 0.5']:.1f} | "
+          f"{speed(ms['prefill 1.0'], ms['prefill 0.5'])} |")
+    without_anchors = ms["prefill 0.5"] - ms["anchors"]
+    print(f"| whole prefill without the anchor encode (ms) | {ms['prefill 1.0']:.1f} | {without_anchors:.1f} | "
+          f"{speed(ms['prefill 1.0'], without_anchors)} |")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per stage (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tokenizer", default=None, help="folder of the real InternVL-U tokenizer to recount with")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    layout = count_layout(args.tokenizer) if args.tokenizer else MEASURED_LAYOUT
+    print_accounting(layout)
+    print_measured(layout, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

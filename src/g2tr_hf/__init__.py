@@ -17,6 +17,7 @@ from .configuration_g2tr import G2TRConfig
 from .configuration_internvlu import G2TRInternVLUConfig
 from .modeling_bagel import G2TRBagelForConditionalGeneration
 from .modeling_internvlu import G2TRInternVLUForConditionalGeneration
+from .pipeline_bagel import G2TRBagelPipeline, G2TRBagelPipelineOutput
 from .processing_bagel import G2TRBagelImageProcessor, G2TRBagelProcessor
 from .processing_internvlu import G2TRInternVLUImageProcessor, G2TRInternVLUProcessor
 from .reduction import (
@@ -54,6 +55,8 @@ __all__ = [
     "G2TRBagelConfig",
     "G2TRBagelForConditionalGeneration",
     "G2TRBagelImageProcessor",
+    "G2TRBagelPipeline",
+    "G2TRBagelPipelineOutput",
     "G2TRBagelProcessor",
     "G2TRConfig",
     "G2TRInternVLUConfig",

@@ -32,7 +32,14 @@ from transformers import AutoTokenizer, GenerationConfig, Qwen2Config
 from transformers.utils import logging
 
 from .configuration_bagel import G2TRBagelConfig
-from .hub import atomic_directory, model_auto_map, place_file, render_model_card, write_remote_code
+from .hub import (
+    atomic_directory,
+    model_auto_map,
+    model_pipelines,
+    place_file,
+    render_model_card,
+    write_remote_code,
+)
 from .modeling_bagel import G2TRBagelForConditionalGeneration
 from .processing_bagel import G2TRBagelImageProcessor, G2TRBagelProcessor
 
@@ -284,6 +291,9 @@ def convert_bagel(
 
     processor = _build_processor(config, tokenizer)
     config.auto_map = model_auto_map(type(config), G2TRBagelForConditionalGeneration, type(processor))
+    custom_pipelines, pipeline_classes = model_pipelines(config)
+    if custom_pipelines:
+        config.custom_pipelines = custom_pipelines
     card = None
     if model_card is not None:
         card = render_model_card(Path(model_card), ratio=ratio, min_keep=config.g2tr_min_keep, source=source.name)
@@ -301,7 +311,7 @@ def convert_bagel(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
         ).save_pretrained(staging)
         processor.save_pretrained(staging)
-        write_remote_code(staging, [type(config), G2TRBagelForConditionalGeneration, type(processor)])
+        write_remote_code(staging, [type(config), G2TRBagelForConditionalGeneration, type(processor), *pipeline_classes])
         if card is not None:
             (staging / "README.md").write_text(card, encoding="utf-8")
     logger.info("Converted %s to %s", source, destination)

@@ -27,6 +27,7 @@ __all__ = [
     "atomic_directory",
     "export",
     "model_auto_map",
+    "model_pipelines",
     "place_file",
     "push_to_hub",
     "remote_code_files",
@@ -119,6 +120,19 @@ def _class_ref(cls: type) -> str:
     return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
 
 
+def model_pipelines(config) -> tuple[dict, list[type]]:
+    """The custom pipelines a model folder ships: (`config.custom_pipelines` entry, pipeline classes).
+
+    BAGEL with its generation path ships `G2TRBagelPipeline` (editing / text-to-image), so that
+    `pipeline(model=folder, trust_remote_code=True)` builds it from the same folder and weights.
+    """
+    if getattr(config, "model_type", None) == "g2tr_bagel" and getattr(config, "visual_gen", False):
+        from .pipeline_bagel import G2TRBagelPipeline, custom_pipelines_config
+
+        return custom_pipelines_config(), [G2TRBagelPipeline]
+    return {}, []
+
+
 def model_auto_map(config_class: type, model_class: type, processor_class: type | None = None) -> dict[str, str]:
     """`auto_map` entries for config.json (module.Class references resolved inside the folder)."""
     auto_map = {"AutoConfig": _class_ref(config_class)}
@@ -178,11 +192,15 @@ def export(
     """
     config = model.config
     config.auto_map = model_auto_map(type(config), type(model), type(processor) if processor is not None else None)
+    custom_pipelines, pipeline_classes = model_pipelines(config)
+    if custom_pipelines:
+        config.custom_pipelines = custom_pipelines
     with atomic_directory(path, overwrite=overwrite) as staging:
         model.save_pretrained(staging, safe_serialization=safe_serialization)
         if processor is not None:
             processor.save_pretrained(staging)
-        write_remote_code(staging, [type(config), type(model)] + ([type(processor)] if processor is not None else []))
+        classes = [type(config), type(model)] + ([type(processor)] if processor is not None else [])
+        write_remote_code(staging, classes + pipeline_classes)
         (staging / "README.md").write_text(model_card or _default_model_card(model), encoding="utf-8")
     logger.info("Exported %s to %s", type(model).__name__, path)
     return Path(path)

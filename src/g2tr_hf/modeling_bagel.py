@@ -646,6 +646,22 @@ def patchify_latents(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.permute(1, 3, 2, 4, 0).reshape(-1, patch_size * patch_size * channels)
 
 
+def unpatchify_latents(latent_tokens: torch.Tensor, grid_hw: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """Inverse of `patchify_latents`: [h * w, p*p*C] -> [C, h*p, w*p] (upstream `decode_image`'s rearrangement)."""
+    height, width = grid_hw
+    channels = latent_tokens.shape[-1] // (patch_size * patch_size)
+    patches = latent_tokens.reshape(height, width, patch_size, patch_size, channels)
+    return patches.permute(4, 0, 2, 1, 3).reshape(channels, height * patch_size, width * patch_size)
+
+
+def latent_position_ids(height: int, width: int, max_latent_size: int, device=None) -> torch.Tensor:
+    """[h * w] flattened 2-D ids `row * max_latent_size + col` of an h x w latent token grid (the top-left sub-grid of
+    `latent_pos_embed`, never interpolated)."""
+    rows = torch.arange(height, dtype=torch.long, device=device)[:, None]
+    cols = torch.arange(width, dtype=torch.long, device=device)[None, :]
+    return (rows * max_latent_size + cols).flatten()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sequence layout: RoPE positions, block ids, the compact cache layout
 # ----------------------------------------------------------------------------------------------------------------
@@ -683,6 +699,44 @@ class BagelCacheLayout:
 
 
 _LAYOUT_ATTRIBUTE = "g2tr_bagel_layout"
+
+
+class BagelCachePrefix:
+    """The first `length` entries of a KV cache, read-only: the context a denoising query attends to.
+
+    Upstream runs every denoising step with `update_past_key_values=False`: the noisy latents never enter a cache.
+    Passed to the decoder as its `past_key_values`, this view's `update` returns the cached prefix followed by the new
+    keys and values (the concatenation a cache update makes, and what upstream's merged buffer holds) and stores
+    nothing, so the cache is neither grown nor copied by a denoising step. Being a prefix, it also lets the text-free
+    CFG context (upstream: a deep copy of the conditional context taken before the instruction) share the conditional
+    cache instead of copying it.
+
+    Args:
+        past_key_values: a `DynamicCache` (its layers hold keys and values [B, H_kv, P, D]).
+        length: how many leading entries are visible; None = all of them.
+    """
+
+    def __init__(self, past_key_values: Cache, length: int | None = None) -> None:
+        total = past_key_values.get_seq_length()
+        length = total if length is None else length
+        if not 0 <= length <= total:
+            raise ValueError(f"`context_length` must lie in [0, {total}] (the cache length), got {length}.")
+        self.past_key_values = past_key_values
+        self.length = length
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H_kv, length + L, D] of the prefix and the L new tokens; nothing is stored."""
+        if self.length == 0:
+            return key_states, value_states
+        layer = self.past_key_values.layers[layer_idx]
+        keys = torch.cat([layer.keys[..., : self.length, :], key_states], dim=-2)
+        values = torch.cat([layer.values[..., : self.length, :], value_states], dim=-2)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
 
 
 def image_block_structure(
@@ -1016,9 +1070,13 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
         vae_pixel_values: torch.Tensor | None,
         vae_image_hw: torch.Tensor | None,
         ratio: float,
+        latents: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[ReductionResult] | None]:
         """The LLM inputs of every image's ViT tokens: `connector(ViT)` (reduced when ratio < 1) +
         `vit_pos_embed` at the tokens' original 2-D ids.
+
+        `latents` (one scaled latent per image) replaces the VAE encode of the anchors when the caller already has
+        them (editing encodes each input image once, for its VAE context block, and reuses that latent here).
 
         Returns:
             embeddings [sum K, D], the kept packed patch indices [sum K] (None when nothing is reduced), the plans.
@@ -1032,17 +1090,17 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
                 f"g2tr_ratio={ratio} < 1 needs the VAE for its latent anchors, but this model has none "
                 "(`config.visual_gen=False` or diffusers is not installed). Use g2tr_ratio=1.0."
             )
-        if vae_pixel_values is None or vae_image_hw is None:
+        if latents is None and (vae_pixel_values is None or vae_image_hw is None):
             raise ValueError(
                 f"g2tr_ratio={ratio} < 1 needs `vae_pixel_values` and `vae_image_hw` (the VAE-sized images the "
                 "processor returns) to build the latent anchors."
             )
-        if vae_image_hw.shape[0] != image_grid_hw.shape[0]:
+        if latents is None and vae_image_hw.shape[0] != image_grid_hw.shape[0]:
             raise ValueError(
                 f"`vae_image_hw` has {vae_image_hw.shape[0]} images but `image_grid_hw` has {image_grid_hw.shape[0]}."
             )
         tokens, kept_patches, reductions = self.reduce_image_features(
-            features, image_grid_hw, vae_pixel_values, vae_image_hw, ratio
+            features, image_grid_hw, vae_pixel_values, vae_image_hw, ratio, latents=latents
         )
         # Position codes of the kept tokens' ORIGINAL 2-D ids, added after merging (g2tr.md §3.1).
         kept_ids = image_position_ids[kept_patches.to(image_position_ids.device)]
@@ -1361,6 +1419,226 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    # --- image generation: context blocks, rectified-flow velocity, VAE decode -----------------------------------
+    #
+    # The editing / text-to-image path of upstream's `InterleaveInferencer` (bagel.md §2.7), one request (batch 1)
+    # at a time, on a transformers `DynamicCache` that carries its BAGEL layout like the understanding path's caches:
+    #   prefill_vae_image  the clean VAE block of an input image (t = 0, gen expert, never reduced)
+    #   prefill_vit_image  its ViT block, reduced by G2TR with anchors from that same latent (no second encode)
+    #   prefill_text       a `<|im_start|> ... <|im_end|>` segment (through `forward`)
+    #   embed_latent_query + flow_velocity   one velocity evaluation of the noisy latent block against a context
+    #   decode_latent_tokens                 latent tokens -> pixels
+    # The sampler (schedule, CFG, Euler steps) lives in `pipeline_bagel.G2TRBagelPipeline`. Like upstream's, these
+    # inference helpers run without autograd.
+
+    @property
+    def latent_downsample(self) -> int:
+        """Pixels per generation token along a side (16 for BAGEL: VAE x8, then 2 x 2 latent patches)."""
+        return self.vae_downsample * self.config.latent_patch_size
+
+    def _check_generation_ready(self) -> None:
+        if not self.config.visual_gen or getattr(self, "vae", None) is None:
+            raise ValueError(
+                "Image generation needs the generation modules and the VAE (`config.visual_gen=True` and diffusers "
+                "installed)."
+            )
+
+    def _check_latent_grid(self, height: int, width: int) -> None:
+        side = self.config.max_latent_size
+        if not (1 <= height <= side and 1 <= width <= side):
+            raise ValueError(
+                f"An image of {height * self.latent_downsample} x {width * self.latent_downsample} px has a "
+                f"{height} x {width} latent grid, but `latent_pos_embed` covers at most {side} x {side} "
+                f"(images up to {side * self.latent_downsample} px per side)."
+            )
+
+    def _image_block(self, inner_embeds: torch.Tensor) -> torch.Tensor:
+        """[n, D] -> [1, n + 2, D]: `<|vision_start|>`, the n tokens, `<|vision_end|>` (markers are text embeddings)."""
+        embed_tokens = self.get_input_embeddings()
+        markers = torch.tensor(
+            [self.config.vision_start_token_id, self.config.vision_end_token_id], device=embed_tokens.weight.device
+        )
+        start, end = embed_tokens(markers).split(1)
+        return torch.cat([start, inner_embeds.to(device=start.device, dtype=start.dtype), end])[None]
+
+    @staticmethod
+    def _latent_token_mask(block_length: int, device) -> torch.Tensor:
+        """[1, L] bool: True for the latent tokens of an image block (gen expert), False for its two markers."""
+        mask = torch.ones(1, block_length, dtype=torch.bool, device=device)
+        mask[:, 0] = mask[:, -1] = False
+        return mask
+
+    def _append_image_block(
+        self, inputs_embeds: torch.Tensor, past_key_values: Cache, gen_token_mask: torch.Tensor | None
+    ) -> None:
+        """Prefill one image block [1, L, D] into the cache (upstream `forward_cache_update_vae` / `_vit`): every token
+        at the next RoPE position, bidirectional inside the block, seeing the whole cache; the layout grows with it."""
+        device = inputs_embeds.device
+        length = inputs_embeds.shape[1]
+        layout = self._cached_layout(past_key_values, None, 1, device)
+        position_ids = layout.next_position.to(device)[:, None].expand(1, length)
+        new_mask = torch.ones(1, length, dtype=torch.bool, device=device)
+        attention_mask = None
+        if not bool(layout.attention_mask.all()):
+            block_ids = torch.ones(1, length, dtype=torch.long, device=device)
+            attention_mask = block_causal_mask(layout.attention_mask.to(device), new_mask, block_ids)
+        self.language_model.model(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            gen_token_mask=gen_token_mask,
+        )
+        setattr(past_key_values, _LAYOUT_ATTRIBUTE, layout.extended(new_mask, position_ids))
+
+    @torch.no_grad()
+    def prefill_vae_image(self, latents: torch.Tensor, past_key_values: Cache) -> None:
+        """Append the VAE context block of one input image: `[<|vision_start|>, h*w latent tokens, <|vision_end|>]` at
+        one RoPE position, the latents embedded as clean (t = 0) and run by the generation expert, the markers by the
+        understanding expert ("gen" mode numerics), bidirectional, never reduced: the cache grows by h*w + 2.
+
+        Args:
+            latents: [C, H/8, W/8] the image's scaled latent (`encode_vae_latents`; upstream samples the posterior,
+                the pipeline takes its mean).
+            past_key_values: the `DynamicCache` of the context (batch 1); updated in place.
+        """
+        self._check_generation_ready()
+        patch_size = self.config.latent_patch_size
+        height, width = latents.shape[-2] // patch_size, latents.shape[-1] // patch_size
+        self._check_latent_grid(height, width)
+        device = self.vae2llm.weight.device
+        tokens = patchify_latents(latents.to(device), patch_size)
+        position_ids = latent_position_ids(height, width, self.config.max_latent_size, device)
+        clean = torch.zeros(1, device=device)
+        block = self._image_block(self.embed_latent_tokens(tokens, clean, position_ids))
+        self._append_image_block(block, past_key_values, self._latent_token_mask(block.shape[1], block.device))
+
+    @torch.no_grad()
+    def prefill_vit_image(
+        self,
+        pixel_values: torch.Tensor,
+        image_position_ids: torch.Tensor,
+        image_grid_hw: torch.Tensor,
+        past_key_values: Cache,
+        *,
+        latents: torch.Tensor | None = None,
+        g2tr_ratio: float | None = None,
+    ) -> ReductionResult | None:
+        """Append the ViT block of one input image, reduced by G2TR: `[<|vision_start|>, K tokens, <|vision_end|>]` at
+        one RoPE position, understanding expert, bidirectional; the cache grows by K + 2 (K = N at ratio 1).
+
+        Args:
+            pixel_values: [N, 3*14*14] the image's ViT patches; image_position_ids [N]; image_grid_hw [1, 2].
+            past_key_values: the `DynamicCache` of the context (batch 1); updated in place.
+            latents: [C, H/8, W/8] the same image's scaled latent, whose patchified, pooled, `vae2llm`-projected cells
+                are the anchors. Editing passes the latent of the image's VAE context block, so each input image is
+                encoded once (the official G2TR code encodes it a second time for the anchors). Needed when the ratio
+                is below 1.
+            g2tr_ratio: keep ratio for this image; defaults to `config.g2tr_ratio`.
+        Returns:
+            The reduction plan, or None at ratio 1 (the unreduced upstream block, no anchors used).
+        """
+        ratio = self._resolve_g2tr_ratio(g2tr_ratio)
+        if not isinstance(image_grid_hw, torch.Tensor) or tuple(image_grid_hw.shape) != (1, 2):
+            shape = tuple(getattr(image_grid_hw, "shape", ()))
+            raise ValueError(f"`image_grid_hw` must be a tensor [1, 2] (one image), got shape {shape}.")
+        num_patches = int(image_grid_hw.prod())
+        patches_match = pixel_values.dim() == 2 and pixel_values.shape[0] == num_patches
+        if not patches_match or image_position_ids.shape != (num_patches,):
+            raise ValueError(
+                f"`pixel_values` [{num_patches}, patch_dim] and `image_position_ids` [{num_patches}] must describe the "
+                f"{tuple(image_grid_hw[0].tolist())} grid, got {tuple(pixel_values.shape)} and "
+                f"{tuple(image_position_ids.shape)}."
+            )
+        if ratio < 1.0 and latents is None:
+            raise ValueError(f"g2tr_ratio={ratio} < 1 needs `latents` (the image's VAE latent) for the anchors.")
+        embeds, _, reductions = self._image_block_embeddings(
+            pixel_values,
+            image_position_ids,
+            image_grid_hw,
+            None,
+            None,
+            ratio,
+            latents=None if latents is None else [latents],
+        )
+        self._append_image_block(self._image_block(embeds), past_key_values, None)
+        return reductions[0] if reductions else None
+
+    @torch.no_grad()
+    def prefill_text(self, input_ids: torch.LongTensor, past_key_values: Cache) -> torch.Tensor:
+        """Append text tokens [1, L] (causal, understanding expert, +1 RoPE position each) and return the logits
+        [1, vocab] of the last one. A segment is `<|im_start|> ids <|im_end|>`; a single token decodes one step."""
+        outputs = self(input_ids=input_ids, past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
+        return outputs.logits[:, -1]
+
+    @torch.no_grad()
+    def embed_latent_query(
+        self, latent_tokens: torch.Tensor, timestep: torch.Tensor | float, latent_grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """The query block of one denoising step: `[<|vision_start|>, vae2llm(x_t) + time_embedder(t) +
+        latent_pos_embed(ids), <|vision_end|>]`.
+
+        Args:
+            latent_tokens: [h*w, p*p*C] the noisy latent x_t.
+            timestep: flow time t in [0, 1] (the same for every token).
+            latent_grid: (h, w).
+        Returns:
+            [1, h*w + 2, hidden_size], shared by every CFG branch of the step.
+        """
+        self._check_generation_ready()
+        height, width = latent_grid
+        self._check_latent_grid(height, width)
+        device = self.vae2llm.weight.device
+        position_ids = latent_position_ids(height, width, self.config.max_latent_size, device)
+        timesteps = torch.as_tensor(timestep, dtype=torch.float32, device=device).reshape(1)
+        return self._image_block(self.embed_latent_tokens(latent_tokens.to(device), timesteps, position_ids))
+
+    @torch.no_grad()
+    def flow_velocity(
+        self, query_embeds: torch.Tensor, past_key_values: Cache, context_length: int | None = None
+    ) -> torch.Tensor:
+        """One rectified-flow velocity evaluation (upstream `_forward_flow`, one CFG branch): the latent query block
+        attends to the first `context_length` cache entries and to itself, at the RoPE position that follows them,
+        through the generation expert ("gen" mode), and `llm2vae` maps its latent tokens to the velocity
+        (noise - x0). The cache is read, never written (`BagelCachePrefix`).
+
+        Args:
+            query_embeds: [1, h*w + 2, D] from `embed_latent_query`.
+            past_key_values: the context's `DynamicCache` (batch 1).
+            context_length: visible leading entries (a CFG context that is a prefix of this cache); None = all.
+        Returns:
+            [h*w, p*p*C] velocity, in the model's dtype.
+        """
+        device = query_embeds.device
+        context = BagelCachePrefix(past_key_values, context_length)
+        layout = self._cached_layout(past_key_values, None, 1, device).cropped(context.length)
+        length = query_embeds.shape[1]
+        position_ids = layout.next_position.to(device)[:, None].expand(1, length)
+        attention_mask = None
+        if not bool(layout.attention_mask.all()):
+            new_keys = torch.ones(1, length, dtype=torch.bool, device=device)
+            visible = torch.cat([layout.attention_mask.to(device), new_keys], dim=-1)
+            attention_mask = visible[:, None, None, :].expand(1, 1, length, -1)
+        hidden_states = self.language_model.model(
+            inputs_embeds=query_embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=context,
+            gen_token_mask=self._latent_token_mask(length, device),
+        ).last_hidden_state
+        return self.llm2vae(hidden_states[0, 1:-1])
+
+    @torch.no_grad()
+    def decode_latent_tokens(self, latent_tokens: torch.Tensor, latent_grid: tuple[int, int]) -> torch.Tensor:
+        """Latent tokens [h*w, p*p*C] -> pixels [1, 3, 16h, 16w] in about [-1, 1]: unpatchify, undo the VAE scaling
+        (`z / scaling_factor + shift_factor`) and run `vae.decode`."""
+        self._check_generation_ready()
+        vae_config = self.config.vae_config
+        scale, shift = vae_config.get("scaling_factor", 1.0), vae_config.get("shift_factor", 0.0) or 0.0
+        latents = unpatchify_latents(latent_tokens, latent_grid, self.config.latent_patch_size)
+        latents = latents / scale + shift
+        return self.vae.decode(latents[None].to(device=self.vae.device, dtype=self.vae.dtype)).sample
+
 
 def _check_text_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -1403,9 +1681,12 @@ G2TRBagelForConditionalGeneration.register_for_auto_class("AutoModelForImageText
 
 __all__ = [
     "BagelCacheLayout",
+    "BagelCachePrefix",
     "G2TRBagelCausalLMOutputWithPast",
     "G2TRBagelForConditionalGeneration",
     "G2TRBagelPreTrainedModel",
+    "latent_position_ids",
     "patchify_latents",
     "sincos_2d_table",
+    "unpatchify_latents",
 ]

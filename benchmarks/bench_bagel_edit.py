@@ -1,0 +1,235 @@
+"""What G2TR saves in a BAGEL image edit: analytic at real BAGEL-7B-MoT shapes, measured on CPU.
+
+An edit (bagel.md §2.7, g2tr.md §3.6) puts the input image into the conditional context twice: a clean VAE block
+(h*w + 2 tokens, never reduced) and a ViT block that G2TR shrinks from N + 2 to K + 2 tokens; then the instruction.
+The sampler then runs N_steps - 1 denoising evaluations of the h*w + 2 latent query tokens against three contexts:
+conditional [VAE][ViT][text], text-free [VAE][ViT] (a prefix of the conditional cache here; upstream deep-copies
+it) and image-free [text]. G2TR shrinks only the ViT block, so it saves prefill work and KV memory, and in every
+denoising step only the attention of the queries to the ViT keys; the linear work of the query block is unchanged.
+
+Part A, analytic (`g2tr_hf.profiling`: linear + attention terms per decoder layer, formula in its docstring), real
+shapes: a 1024x1024 input (VAE 64x64 = 4096 latent tokens, ViT 70x70 = 4900 tokens, K = 2450 at ratio 0.5, min_keep
+32), a 30-token instruction, the official edit settings (50 schedule points = 49 evaluations; cfg_interval [0, 1],
+text scale 4, image scale 2, so all three branches run at every step: CFG is counted from `flow_timesteps` and the
+interval). One denoising branch costs `prefill_flops([context, query block]) - prefill_flops([context])`: the
+linear work of the query tokens plus their attention to the context and to their own block. `lm_head` and
+`llm2vae` are left out (one logit row per prefill call, and a 3584 x 64 map). The VAE encode (once per input image
+in this pipeline; the official G2TR code encodes twice in editing) and the VAE decode are the same with and without
+reduction and are reported apart.
+
+Part B, measured on CPU: a mid-size random BAGEL (LLM 12 MoT layers x 1024, SigLIP 4 x 384, a small 4-block VAE;
+the model of bench_bagel_prefill.py) editing a 512x512 image (VAE 32x32 = 1024 latent tokens, ViT 37x37 = 1369
+tokens), ratio 0.5 vs 1.0 in one run, median of `--repeats` after a warm-up: the context prefill
+(`G2TRBagelPipeline.encode_context`: one VAE encode, VAE block, SigLIP + connector + reduction, ViT block, the
+instruction into both text contexts) and one denoising step at t = 1 with all three CFG branches (`_forward`).
+
+Usage: python benchmarks/bench_bagel_edit.py [--repeats 3] [--threads N] [--skip-measured]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from g2tr_hf.configuration_bagel import G2TRBagelConfig
+from g2tr_hf.modeling_bagel import G2TRBagelForConditionalGeneration
+from g2tr_hf.pipeline_bagel import EDIT_GUIDANCE, G2TRBagelPipeline, flow_timesteps
+from g2tr_hf.processing_bagel import G2TRBagelImageProcessor, G2TRBagelProcessor, build_tiny_bagel_tokenizer
+from g2tr_hf.profiling import BAGEL_7B_LLM, DecoderShape, Segment, kv_cache_bytes, module_flops, prefill_flops
+from g2tr_hf.reduction import keep_count
+
+
+RATIOS = (1.0, 0.5)
+INSTRUCTION_TOKENS = 30  # + <|im_start|> and <|im_end|>
+NUM_INFERENCE_STEPS = 50
+MIN_KEEP = 32
+
+
+# --- Part A: analytic ------------------------------------------------------------------------------------------------
+
+
+def branch_flops(query_tokens: int, context: list[Segment], shape: DecoderShape) -> int:
+    """FLOPs of one denoising branch: a bidirectional block of `query_tokens` over a read-only `context`."""
+    with_query = prefill_flops([*context, Segment(query_tokens, bidirectional=True)], shape)
+    return with_query - prefill_flops(context, shape)
+
+
+def guided_steps(num_inference_steps: int, interval: tuple[float, float]) -> tuple[int, int]:
+    """(evaluations, evaluations with CFG on) for the shifted schedule (shift 3) and `cfg_interval`."""
+    times = flow_timesteps(num_inference_steps, 3.0)[:-1]
+    guided = (times > interval[0]) & (times <= interval[1])
+    return len(times), int(guided.sum())
+
+
+def vae_flops(method: str, height: int, width: int) -> int:
+    """FlopCounterMode count of the FLUX AE encode or decode at one image size (meta device: no weights)."""
+    from diffusers import AutoencoderKL
+
+    config = G2TRBagelConfig()
+    with torch.device("meta"):
+        vae = AutoencoderKL(**config.vae_config)
+        if method == "encode":
+            inputs = torch.empty(1, 3, height, width)
+        else:
+            inputs = torch.empty(1, config.vae_config["latent_channels"], height // 8, width // 8)
+    return module_flops(vae, inputs, method=method)
+
+
+def analytic_table() -> None:
+    shape = BAGEL_7B_LLM
+    latent_tokens, vit_tokens = 64 * 64, 70 * 70
+    text = Segment(INSTRUCTION_TOKENS + 2)
+    evaluations, guided = guided_steps(NUM_INFERENCE_STEPS, EDIT_GUIDANCE.interval)
+    rows = {}
+    for ratio in RATIOS:
+        kept = keep_count(vit_tokens, ratio, MIN_KEEP)
+        vae_block, vit_block = Segment(latent_tokens + 2, True), Segment(kept + 2, True)
+        conditional, no_text, no_image = [vae_block, vit_block, text], [vae_block, vit_block], [text]
+        prefill = prefill_flops(conditional, shape) + prefill_flops(no_image, shape)
+        query = latent_tokens + 2
+        unguided_step = branch_flops(query, conditional, shape)
+        guided_step = unguided_step + branch_flops(query, no_text, shape) + branch_flops(query, no_image, shape)
+        denoise = guided * guided_step + (evaluations - guided) * unguided_step
+        context_tokens = sum(s.length for s in conditional)
+        held = context_tokens + text.length  # conditional + image-free caches; the text-free one is a prefix
+        upstream_held = held + sum(s.length for s in no_text)  # upstream deep-copies the text-free context
+        rows[ratio] = dict(
+            kept=kept, context=context_tokens, held=held, upstream_held=upstream_held,
+            prefill=prefill, step=guided_step, denoise=denoise, total=prefill + denoise,
+        )  # fmt: skip
+    full, reduced = rows[1.0], rows[0.5]
+    encode, decode = vae_flops("encode", 1024, 1024), vae_flops("decode", 1024, 1024)
+
+    def ratio(key: str) -> str:
+        return f"{full[key] / reduced[key]:.2f}x"
+
+    print("## A. Analytic, BAGEL-7B-MoT LLM shapes (28 layers x 3584, GQA 28/4), one 1024x1024 edit, "
+          f"{NUM_INFERENCE_STEPS} steps ({evaluations} evaluations, CFG on {guided}: 3 branches each)")
+    print()
+    print("| | ratio 1.0 | ratio 0.5 | saving |")
+    print("|---|---|---|---|")
+    print(f"| ViT tokens of the input image | {vit_tokens} | {reduced['kept']} | {vit_tokens / reduced['kept']:.2f}x |")
+    print(f"| conditional context tokens [VAE 4098][ViT K+2][text 32] | {full['context']} | {reduced['context']} | "
+          f"{ratio('context')} |")
+    print(f"| KV entries held (conditional + image-free; text-free = prefix) | {full['held']} | {reduced['held']} | "
+          f"{ratio('held')} |")
+    print(f"| KV bytes held (bf16) | {kv_cache_bytes(full['held'], shape) / 2**20:.0f} MiB | "
+          f"{kv_cache_bytes(reduced['held'], shape) / 2**20:.0f} MiB | {ratio('held')} |")
+    print(f"| KV entries with upstream's deep-copied text-free context | {full['upstream_held']} | "
+          f"{reduced['upstream_held']} | {ratio('upstream_held')} |")
+    print(f"| context prefill (TFLOP) | {full['prefill'] / 1e12:.1f} | {reduced['prefill'] / 1e12:.1f} | "
+          f"{ratio('prefill')} |")
+    print(f"| one guided denoising step, 3 branches (TFLOP) | {full['step'] / 1e12:.1f} | "
+          f"{reduced['step'] / 1e12:.1f} | {ratio('step')} |")
+    print(f"| all {evaluations} denoising evaluations (TFLOP) | {full['denoise'] / 1e12:.0f} | "
+          f"{reduced['denoise'] / 1e12:.0f} | {ratio('denoise')} |")
+    print(f"| whole edit, LLM (TFLOP) | {full['total'] / 1e12:.0f} | {reduced['total'] / 1e12:.0f} | "
+          f"{ratio('total')} |")
+    both = encode + decode
+    print(f"| whole edit + VAE encode x1 and decode ({both / 1e12:.1f} TFLOP, same on both sides) | "
+          f"{(full['total'] + both) / 1e12:.0f} | {(reduced['total'] + both) / 1e12:.0f} | "
+          f"{(full['total'] + both) / (reduced['total'] + both):.2f}x |")
+    print()
+    print(f"The anchors reuse the VAE block's latent: the official G2TR code's second encode ({encode / 1e12:.2f} "
+          "TFLOP at 1024x1024) is not run. SigLIP + connector run on all N tokens on both sides (not counted).")
+    print()
+
+
+# --- Part B: measured ------------------------------------------------------------------------------------------------
+
+
+def mid_size_pipeline() -> G2TRBagelPipeline:
+    tokenizer, ids = build_tiny_bagel_tokenizer()
+    config = G2TRBagelConfig(
+        llm_config=dict(
+            vocab_size=ids["vocab_size"], hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+            num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=8192,
+        ),
+        vit_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6),
+        vae_config=dict(block_out_channels=[32, 64, 64, 64], layers_per_block=1, norm_num_groups=16),
+        g2tr_min_keep=MIN_KEEP,
+        **{key: value for key, value in ids.items() if key != "vocab_size"},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = G2TRBagelForConditionalGeneration(config).eval()
+    processor = G2TRBagelProcessor(image_processor=G2TRBagelImageProcessor(), tokenizer=tokenizer)
+    pipe = G2TRBagelPipeline(model=model, processor=processor, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def measured_table(repeats: int) -> None:
+    pipe = mid_size_pipeline()
+    image = Image.fromarray((np.random.RandomState(0).rand(512, 512, 3) * 255).astype(np.uint8))
+    instruction = " ".join(["red"] * INSTRUCTION_TOKENS)  # one token per word with the tiny tokenizer
+    requests, _ = pipe.check_inputs(
+        prompt=instruction, image=image, num_inference_steps=NUM_INFERENCE_STEPS, generator=None, g2tr_ratio=None,
+        cfg_text_scale=None, cfg_img_scale=None, cfg_interval=None, cfg_renorm_type=None, cfg_renorm_min=None,
+        timestep_shift=3.0, height=None, width=None, think=False, max_think_tokens=1, output_type="pil",
+    )  # fmt: skip
+    request = requests[0]
+    model_inputs = pipe.preprocess(request)
+    grid = pipe.output_latent_grid(model_inputs, None, None)
+    latents = pipe.prepare_latents(grid, torch.Generator().manual_seed(0))
+    vit_grid = model_inputs["images"][0]["image_grid_hw"][0].tolist()
+
+    # The two ratios alternate inside every round, so that a slow spell of a shared machine hits both alike; the
+    # first round warms up.
+    seconds = {(ratio, stage): [] for ratio in RATIOS for stage in ("prefill", "step")}
+    contexts = {}
+    for _ in range(repeats + 1):
+        for ratio in RATIOS:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                contexts[ratio] = pipe.encode_context(model_inputs, ratio, think=False)
+            seconds[ratio, "prefill"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                pipe._forward(latents, torch.tensor(1.0), grid, contexts[ratio], request.guidance)
+            seconds[ratio, "step"].append(time.perf_counter() - start)
+    rows = {
+        ratio: dict(
+            prefill=statistics.median(seconds[ratio, "prefill"][1:]),
+            step=statistics.median(seconds[ratio, "step"][1:]),
+            context=contexts[ratio].conditional[0].get_seq_length(),
+            held=contexts[ratio].conditional[0].get_seq_length() + contexts[ratio].no_image[0].get_seq_length(),
+        )
+        for ratio in RATIOS
+    }
+    full, reduced = rows[1.0], rows[0.5]
+    print(f"## B. Measured on CPU ({torch.get_num_threads()} threads, torch {torch.__version__}): mid-size random "
+          f"BAGEL (LLM 12 x 1024), 512x512 edit (VAE {grid[0]}x{grid[1]} = {grid[0] * grid[1]} latent tokens, ViT "
+          f"{vit_grid[0]}x{vit_grid[1]} = {vit_grid[0] * vit_grid[1]} tokens), median of {repeats}")
+    print()
+    print("| | ratio 1.0 | ratio 0.5 | ratio |")
+    print("|---|---|---|---|")
+    print(f"| conditional context tokens | {full['context']} | {reduced['context']} | "
+          f"{full['context'] / reduced['context']:.2f}x |")
+    print(f"| KV entries held | {full['held']} | {reduced['held']} | {full['held'] / reduced['held']:.2f}x |")
+    print(f"| context prefill: VAE encode + VAE block + ViT (+ reduction) + ViT block + text (s) | "
+          f"{full['prefill']:.3f} | {reduced['prefill']:.3f} | {full['prefill'] / reduced['prefill']:.2f}x |")
+    print(f"| one denoising step, 3 CFG branches (s) | {full['step']:.3f} | {reduced['step']:.3f} | "
+          f"{full['step'] / reduced['step']:.2f}x |")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--skip-measured", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    analytic_table()
+    if not args.skip_measured:
+        measured_table(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

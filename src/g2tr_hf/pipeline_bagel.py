@@ -1,0 +1,626 @@
+"""`G2TRBagelPipeline`: image editing and text-to-image with BAGEL-7B-MoT and G2TR token reduction.
+
+The algorithm is the official inferencer's (ByteDance-Seed/Bagel `inferencer.py` and `Bagel.generate_image`;
+`shared/specs/bagel.md` §2.5, §2.7, §6, `shared/specs/g2tr.md` §3.6), one request at a time:
+
+1. Context. Every input image enters the conditional context twice: first as a clean VAE block (t = 0, generation
+   expert, never reduced, h*w + 2 tokens at one RoPE position), then as its ViT block, which G2TR reduces to K + 2
+   tokens with anchors built from the SAME latent. Each input image is therefore encoded exactly once by
+   `model.vae.encode` (the official G2TR code encodes it a second time for the anchors), and with the posterior MEAN,
+   so that a seed fully determines the result (upstream samples the posterior of the context image). Then the
+   instruction `<|im_start|> prompt <|im_end|>`. Think mode puts the planning system prompt first and appends the
+   plan the model writes after the instruction.
+2. The two CFG contexts. "No text": the conditional context as it was before the instruction (upstream deep-copies
+   it; here it is a prefix of the conditional cache, so nothing is copied). "No image": the text inputs alone
+   (system prompt and instruction) in a small cache of their own.
+3. Rectified flow. N points of the shifted schedule t' = s t / (1 + (s - 1) t) over t = linspace(1, 0, N), and
+   N - 1 Euler steps x <- x - v (t_i - t_{i+1}) from noise (t = 1) to data (t = 0), v = noise - x0 read by `llm2vae`
+   from the generation expert. While cfg_interval[0] < t <= cfg_interval[1], text and image guidance with
+   CFG-renorm (`classifier_free_guidance`). Denoising queries read the caches and never write them.
+4. VAE decode.
+
+Loading from a Hub folder (its `config.json` lists this class under `custom_pipelines`):
+
+    from transformers import pipeline
+
+    pipe = pipeline(model="REPO", trust_remote_code=True)
+    image = pipe(prompt="make the sky pink", image=Image.open("in.png"), g2tr_ratio=0.5).images[0]
+
+Deviations from upstream, all deliberate: the posterior mean for context images (above); the image-CFG branch is not
+evaluated at steps where text CFG is off (upstream computes it and throws it away); the guidance arithmetic and the
+Euler update run in fp32 (upstream: bf16 under autocast); several prompts run one after another (upstream is batch 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers import DynamicCache, Pipeline
+from transformers.utils import logging
+from transformers.utils.logging import tqdm
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "CFG_RENORM_TYPES",
+    "EDIT_GUIDANCE",
+    "G2TRBagelPipeline",
+    "G2TRBagelPipelineOutput",
+    "GuidanceSettings",
+    "PIPELINE_TASK",
+    "TEXT_TO_IMAGE_GUIDANCE",
+    "classifier_free_guidance",
+    "custom_pipelines_config",
+    "flow_timesteps",
+]
+
+# The task name under which an exported folder's `config.custom_pipelines` lists this class.
+PIPELINE_TASK = "g2tr-bagel-image-generation"
+
+# The planning system prompt of upstream's think mode for image generation (`GEN_THINK_SYSTEM_PROMPT`,
+# inferencer.py). It is model input, so it is reproduced character for character (note the space before the newline).
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
+    "image here"
+)
+
+CFG_RENORM_TYPES = ("global", "channel", "text_channel")
+OUTPUT_TYPES = ("pil", "pt")
+
+
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """Classifier-free guidance of one request.
+
+    Attributes:
+        text_scale: `cfg_text_scale` (guidance away from the context without the instruction); <= 1 turns CFG off.
+        image_scale: `cfg_img_scale` (guidance away from the context without the images); <= 1 skips that branch.
+        interval: `cfg_interval` (lo, hi): guidance is on at the steps with lo < t <= hi.
+        renorm_type: `cfg_renorm_type`, one of `CFG_RENORM_TYPES`.
+        renorm_min: `cfg_renorm_min`, the lower clamp of the renorm factor.
+    """
+
+    text_scale: float
+    image_scale: float
+    interval: tuple[float, float]
+    renorm_type: str
+    renorm_min: float
+
+
+# The official recommended settings (bagel.md §6, notebook / README).
+EDIT_GUIDANCE = GuidanceSettings(
+    text_scale=4.0, image_scale=2.0, interval=(0.0, 1.0), renorm_type="text_channel", renorm_min=0.0
+)
+TEXT_TO_IMAGE_GUIDANCE = GuidanceSettings(
+    text_scale=4.0, image_scale=1.0, interval=(0.4, 1.0), renorm_type="global", renorm_min=0.0
+)
+
+
+def custom_pipelines_config() -> dict[str, dict[str, Any]]:
+    """The `config.custom_pipelines` entry that makes `pipeline(model=folder, trust_remote_code=True)` build this
+    pipeline from a folder that ships this file next to the model's remote code (hf-conventions.md §3.7)."""
+    return {
+        PIPELINE_TASK: {
+            "impl": f"{__name__.rsplit('.', 1)[-1]}.G2TRBagelPipeline",
+            "pt": ["AutoModelForImageTextToText"],
+            "type": "multimodal",
+        }
+    }
+
+
+def flow_timesteps(num_inference_steps: int, timestep_shift: float) -> torch.Tensor:
+    """The shifted rectified-flow schedule of upstream `generate_image`: [N] float32, from 1 to 0,
+
+        t = linspace(1, 0, N),   t' = s * t / (1 + (s - 1) * t).
+
+    Euler step i goes from t'[i] to t'[i + 1], so N points give N - 1 model evaluations (50 -> 49)."""
+    timesteps = torch.linspace(1, 0, num_inference_steps)
+    return timestep_shift * timesteps / (1 + (timestep_shift - 1) * timesteps)
+
+
+def _renorm_factor(reference: torch.Tensor, guided: torch.Tensor, per_token: bool, renorm_min: float) -> torch.Tensor:
+    """clamp(||reference|| / (||guided|| + 1e-8), renorm_min, 1): the norm over the whole tensor, or over each
+    token's channels (last dim) when `per_token`."""
+    if per_token:
+        reference_norm = reference.norm(dim=-1, keepdim=True)
+        guided_norm = guided.norm(dim=-1, keepdim=True)
+    else:
+        reference_norm, guided_norm = reference.norm(), guided.norm()
+    return (reference_norm / (guided_norm + 1e-8)).clamp(min=renorm_min, max=1.0)
+
+
+def classifier_free_guidance(
+    velocity: torch.Tensor,
+    velocity_no_text: torch.Tensor | None,
+    velocity_no_image: torch.Tensor | None,
+    *,
+    text_scale: float,
+    image_scale: float,
+    renorm_type: str,
+    renorm_min: float,
+) -> torch.Tensor:
+    """BAGEL's two-signal classifier-free guidance with CFG-renorm (upstream `_forward_flow`, bagel.md §2.7).
+
+    With `st = text_scale`, `si = image_scale`, `m = renorm_min`:
+
+        text_channel:     vt = v_nt + st (v - v_nt);  vt *= clamp(|v|_tok / |vt|_tok, m, 1);
+                          result = v_ni + si (vt - v_ni) if si > 1 else vt
+        global / channel: vt = v_nt + st (v - v_nt);  g = v_ni + si (vt - v_ni) if si > 1 else vt;
+                          result = g * clamp(|v| / |g|, m, 1)   (norm over everything / per token)
+
+    Args:
+        velocity: [n, c] conditional velocity.
+        velocity_no_text: [n, c] from the context without the instruction (None only when `text_scale <= 1`).
+        velocity_no_image: [n, c] from the context without the images (None when `image_scale <= 1`).
+    Returns:
+        [n, c]; `velocity` itself when `text_scale <= 1` (upstream then ignores the image branch as well).
+    """
+    if text_scale <= 1.0:
+        return velocity
+    if renorm_type not in CFG_RENORM_TYPES:
+        raise ValueError(f"`cfg_renorm_type` must be one of {list(CFG_RENORM_TYPES)}, got {renorm_type!r}.")
+    use_image = image_scale > 1.0 and velocity_no_image is not None
+    guided = velocity_no_text + text_scale * (velocity - velocity_no_text)
+    if renorm_type == "text_channel":
+        guided = guided * _renorm_factor(velocity, guided, per_token=True, renorm_min=renorm_min)
+        if use_image:
+            guided = velocity_no_image + image_scale * (guided - velocity_no_image)
+        return guided
+    if use_image:
+        guided = velocity_no_image + image_scale * (guided - velocity_no_image)
+    return guided * _renorm_factor(velocity, guided, per_token=renorm_type == "channel", renorm_min=renorm_min)
+
+
+@dataclass
+class G2TRBagelPipelineOutput:
+    """Output of [`G2TRBagelPipeline`].
+
+    Attributes:
+        images: one per prompt: PIL images (`output_type="pil"`) or float tensors [3, H, W] in [0, 1] (`"pt"`).
+        thoughts: per prompt, the plan written in think mode (None without think mode).
+    """
+
+    images: list[PIL.Image.Image] | list[torch.Tensor]
+    thoughts: list[str | None]
+
+
+@dataclass
+class _Request:
+    """One prompt with its input images (none for text-to-image) and its guidance settings."""
+
+    prompt: str
+    images: list[Any]
+    guidance: GuidanceSettings
+
+
+@dataclass
+class _Contexts:
+    """The sampler's three KV contexts, each `(cache, visible length)` (None = the whole cache)."""
+
+    conditional: tuple[DynamicCache, int | None]
+    no_text: tuple[DynamicCache, int]
+    no_image: tuple[DynamicCache, int | None]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_image(value: object) -> bool:
+    if isinstance(value, PIL.Image.Image):
+        return True
+    return isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim in (2, 3)
+
+
+class G2TRBagelPipeline(Pipeline):
+    r"""
+    Image editing and text-to-image with BAGEL-7B-MoT (`G2TRBagelForConditionalGeneration`), the input images' ViT
+    tokens reduced by G2TR (see the module docstring for the algorithm).
+
+    Build it from a model and its processor, `G2TRBagelPipeline(model=model, processor=processor)`, or from an
+    exported Hub folder with `transformers.pipeline(model=folder, trust_remote_code=True)`. Like every transformers
+    pipeline it places the model on `device` (default: the first GPU when there is one).
+
+    Example:
+
+    ```python
+    >>> from g2tr_hf import G2TRBagelPipeline, build_tiny
+    >>> model, processor = build_tiny("bagel")
+    >>> pipe = G2TRBagelPipeline(model=model, processor=processor, device="cpu")
+    >>> pipe(prompt="a red car", num_inference_steps=4, height=32, width=32).images[0].size
+    (32, 32)
+    ```
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, model, processor=None, **kwargs) -> None:
+        if processor is None:
+            raise ValueError("`processor` is required: the model's G2TRBagelProcessor (tokenizer + image processor).")
+        self._progress_bar_config: dict[str, Any] = {}
+        super().__init__(model=model, processor=processor, **kwargs)
+
+    # --- the algorithm --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        image: Any = None,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        g2tr_ratio: float | None = None,
+        cfg_text_scale: float | None = None,
+        cfg_img_scale: float | None = None,
+        cfg_interval: tuple[float, float] | None = None,
+        cfg_renorm_type: str | None = None,
+        cfg_renorm_min: float | None = None,
+        timestep_shift: float = 3.0,
+        height: int | None = None,
+        width: int | None = None,
+        think: bool = False,
+        max_think_tokens: int = 1000,
+        show_progress: bool = True,
+        output_type: str = "pil",
+    ) -> G2TRBagelPipelineOutput:
+        r"""
+        Edit images or generate them from text.
+
+        Args:
+            prompt (`str` or `list[str]`): the instruction; a list runs several requests, one after another.
+            image (PIL image, numpy array, tensor, or a list, *optional*): the input image(s) of an edit; None for
+                text-to-image. With one prompt, a list holds that request's input images (they enter the context in
+                order). With a list of prompts, a list with one entry per prompt (None, an image or a list of images).
+            num_inference_steps (`int`, defaults to 50): points on the flow schedule (upstream `num_timesteps`); the
+                sampler runs `num_inference_steps - 1` model evaluations. At least 2.
+            generator (`torch.Generator` or a list, one per prompt, *optional*): seeds the initial noise.
+            g2tr_ratio (`float`, *optional*): keep ratio of the input images' ViT tokens in (0, 1]; defaults to
+                `model.config.g2tr_ratio`. 1.0 leaves them unreduced.
+            cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min (*optional*): guidance;
+                each defaults to the official recommendation for the request's task: edit 4.0 / 2.0 / (0.0, 1.0) /
+                "text_channel" / 0.0, text-to-image 4.0 / 1.0 / (0.4, 1.0) / "global" / 0.0. A scale <= 1 skips its
+                branch.
+            timestep_shift (`float`, defaults to 3.0): the schedule's shift s.
+            height, width (`int`, *optional*): text-to-image output size, multiples of 16; defaults to the largest
+                square `latent_pos_embed` covers (1024 x 1024 for BAGEL-7B-MoT). An edit keeps the VAE-resized size of
+                its (last) input image.
+            think (`bool`, defaults to False): upstream's think mode: a planning system prompt, then a plan the model
+                writes (greedy decoding) before the image.
+            max_think_tokens (`int`, defaults to 1000): length cap of the plan, counted as upstream (the
+                `<|im_start|>` seed included).
+            show_progress (`bool`, defaults to True): a progress bar over the denoising steps.
+            output_type (`str`, defaults to "pil"): "pil" or "pt" (float tensors [3, H, W] in [0, 1]).
+        Returns:
+            [`G2TRBagelPipelineOutput`] with `.images` (one per prompt) and `.thoughts`.
+        """
+        # 1. Check the inputs; every request gets its task's recommended guidance unless it is overridden.
+        requests, generators = self.check_inputs(
+            prompt, image, num_inference_steps, generator, g2tr_ratio, cfg_text_scale, cfg_img_scale, cfg_interval,
+            cfg_renorm_type, cfg_renorm_min, timestep_shift, height, width, think, max_think_tokens, output_type,
+        )  # fmt: skip
+        # 2. The shifted schedule: N points from t = 1 (noise) to t = 0 (data), N - 1 Euler steps.
+        timesteps = flow_timesteps(num_inference_steps, timestep_shift)
+        step_sizes = timesteps[:-1] - timesteps[1:]
+
+        images, thoughts = [], []
+        for request, request_generator in zip(requests, generators):
+            # 3. The context: each input image as a clean VAE block, then its G2TR-reduced ViT block built from the
+            #    same latent; then the instruction. Also the two CFG contexts (without the text, without the images).
+            model_inputs = self.preprocess(request)
+            contexts = self.encode_context(model_inputs, g2tr_ratio, think)
+            # 4. Think mode: the model writes a plan, which joins the conditional context only.
+            thought = self.think(contexts, max_think_tokens) if think else None
+            # 5. The initial noise on the output's latent grid.
+            latent_grid = self.output_latent_grid(model_inputs, height, width)
+            latents = self.prepare_latents(latent_grid, request_generator)
+            # 6. The denoising loop: a guided velocity per step, Euler update x <- x - v dt.
+            with self.progress_bar(total=len(step_sizes), disable=not show_progress) as progress:
+                for t, dt in zip(timesteps[:-1], step_sizes):
+                    velocity = self._forward(latents, t, latent_grid, contexts, request.guidance)
+                    latents = latents - velocity * dt
+                    progress.update()
+            # 7. Decode the latent to pixels.
+            images.append(self.postprocess(latents, latent_grid, output_type))
+            thoughts.append(thought)
+        return G2TRBagelPipelineOutput(images=images, thoughts=thoughts)
+
+    # --- steps ----------------------------------------------------------------------------------------------------
+
+    def preprocess(self, request: _Request) -> dict[str, Any]:
+        """One request -> model inputs: per input image the processor's tensors (VAE image, ViT patches, ids, grid;
+        the official VAE-then-ViT resizes), and the instruction's ids `<|im_start|> prompt <|im_end|>` [1, L]."""
+        images = []
+        for index, image in enumerate(request.images):
+            features = self.processor.image_processor(images=[image], return_tensors="pt")
+            if features["image_grid_hw"].shape[0] != 1:
+                raise ValueError(f"`image`: entry {index} holds several images; pass one image per entry.")
+            images.append(dict(features))
+        return {"images": images, "input_ids": self._text_segment(request.prompt)}
+
+    @torch.no_grad()
+    def encode_context(self, model_inputs: dict[str, Any], g2tr_ratio: float | None, think: bool) -> _Contexts:
+        """Prefill the conditional context and the image-free CFG context; the text-free one is a prefix.
+
+        Per input image: ONE `model.vae.encode` (posterior mean), whose latent is both the VAE block and the G2TR
+        anchors of the ViT block."""
+        text_config = self.model.config.get_text_config()
+        conditional, no_image = DynamicCache(config=text_config), DynamicCache(config=text_config)
+        if think:
+            system_prompt = self._text_segment(GEN_THINK_SYSTEM_PROMPT)
+            self.model.prefill_text(system_prompt, conditional)
+            self.model.prefill_text(system_prompt, no_image)
+        for image in model_inputs["images"]:
+            latents = self.model.encode_vae_latents(image["vae_pixel_values"], image["vae_image_hw"])[0]
+            self.model.prefill_vae_image(latents, conditional)
+            self.model.prefill_vit_image(
+                image["pixel_values"],
+                image["image_position_ids"],
+                image["image_grid_hw"],
+                conditional,
+                latents=latents,
+                g2tr_ratio=g2tr_ratio,
+            )
+        # Upstream deep-copies the conditional context here, before the instruction; a prefix of it is the same.
+        no_text_length = conditional.get_seq_length()
+        self.model.prefill_text(model_inputs["input_ids"], conditional)
+        self.model.prefill_text(model_inputs["input_ids"], no_image)
+        return _Contexts(
+            conditional=(conditional, None), no_text=(conditional, no_text_length), no_image=(no_image, None)
+        )
+
+    @torch.no_grad()
+    def think(self, contexts: _Contexts, max_think_tokens: int) -> str:
+        """Upstream think mode: greedy decoding from `<|im_start|>` on a copy of the conditional context until
+        `<|im_end|>`; the decoded plan then enters the conditional context as a text segment."""
+        conditional, _ = contexts.conditional
+        scratch = copy.deepcopy(conditional)
+        im_start, im_end = self.processor.im_start_token_id, self.processor.im_end_token_id
+        tokens = [im_start]
+        for _ in range(max_think_tokens - 1):
+            logits = self.model.prefill_text(torch.tensor([[tokens[-1]]], device=self.model.device), scratch)
+            next_token = int(logits.argmax(-1)[0])
+            if next_token == im_end:
+                break
+            tokens.append(next_token)
+        # Upstream's extraction: the text between the seed and the first `<|im_end|>`.
+        text = self.tokenizer.decode(tokens)
+        thought = text.split(self.processor.im_end_token)[0].split(self.processor.im_start_token)[1]
+        self.model.prefill_text(self._text_segment(thought), conditional)
+        return thought
+
+    def output_latent_grid(
+        self, model_inputs: dict[str, Any], height: int | None, width: int | None
+    ) -> tuple[int, int]:
+        """(h, w) latent tokens of the output: the VAE-resized size of the last input image for an edit (upstream
+        `image_shapes`), else `height` x `width` (default: the largest square the latent position table covers)."""
+        stride = self.model.latent_downsample
+        if model_inputs["images"]:
+            vae_height, vae_width = model_inputs["images"][-1]["vae_image_hw"][0].tolist()
+            return vae_height // stride, vae_width // stride
+        default = min(1024, self.model.config.max_latent_size * stride)
+        return (height or default) // stride, (width or default) // stride
+
+    def prepare_latents(self, latent_grid: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
+        """Initial noise x_1 ~ N(0, 1): [h*w, p*p*C] float32, drawn on the generator's device (CPU by default, as
+        upstream's `torch.randn`) and moved to the model."""
+        config = self.model.config
+        shape = (latent_grid[0] * latent_grid[1], config.latent_patch_size**2 * config.vae_config["latent_channels"])
+        device = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        return noise.to(self.model.device)
+
+    def _forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        latent_grid: tuple[int, int],
+        contexts: _Contexts,
+        guidance: GuidanceSettings,
+    ) -> torch.Tensor:
+        """The model work of one denoising step: the guided velocity [h*w, p*p*C] (fp32) at time `timestep`.
+
+        One query block serves every branch: the conditional one always, the text-free one while guidance is on
+        (lo < t <= hi) and `cfg_text_scale` > 1, the image-free one when `cfg_img_scale` > 1 as well."""
+        query = self.model.embed_latent_query(latents, timestep, latent_grid)
+        low, high = guidance.interval
+        guidance_on = bool(timestep > low) and bool(timestep <= high)
+        text_scale = guidance.text_scale if guidance_on else 1.0
+        image_scale = guidance.image_scale if guidance_on else 1.0
+        velocity = self.model.flow_velocity(query, *contexts.conditional).float()
+        if text_scale <= 1.0:
+            return velocity
+        velocity_no_text = self.model.flow_velocity(query, *contexts.no_text).float()
+        velocity_no_image = None
+        if image_scale > 1.0:
+            velocity_no_image = self.model.flow_velocity(query, *contexts.no_image).float()
+        return classifier_free_guidance(
+            velocity,
+            velocity_no_text,
+            velocity_no_image,
+            text_scale=text_scale,
+            image_scale=image_scale,
+            renorm_type=guidance.renorm_type,
+            renorm_min=guidance.renorm_min,
+        )
+
+    def postprocess(self, latents: torch.Tensor, latent_grid: tuple[int, int], output_type: str):
+        """VAE decode, then upstream's `(x * 0.5 + 0.5).clamp(0, 1) * 255` truncated to uint8 (a PIL image), or the
+        [0, 1] float tensor [3, H, W] for `output_type="pt"`."""
+        pixels = self.model.decode_latent_tokens(latents, latent_grid)[0].float()
+        pixels = (pixels * 0.5 + 0.5).clamp(0, 1).cpu()
+        if output_type == "pt":
+            return pixels
+        return PIL.Image.fromarray((pixels * 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+    # --- inputs ---------------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        image,
+        num_inference_steps,
+        generator,
+        g2tr_ratio,
+        cfg_text_scale,
+        cfg_img_scale,
+        cfg_interval,
+        cfg_renorm_type,
+        cfg_renorm_min,
+        timestep_shift,
+        height,
+        width,
+        think,
+        max_think_tokens,
+        output_type,
+    ) -> tuple[list[_Request], list[torch.Generator | None]]:
+        """Validate every argument (a `ValueError` names the one at fault) and split the call into requests."""
+        if isinstance(prompt, str):
+            prompts, row_images = [prompt], [image]
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+            if image is None:
+                row_images = [None] * len(prompts)
+            elif isinstance(image, (list, tuple)) and len(image) == len(prompts):
+                row_images = list(image)
+            else:
+                raise ValueError(
+                    f"`image`: with {len(prompts)} prompts, pass None or a list with one entry per prompt (None, an "
+                    f"image or a list of images), got {type(image).__name__}"
+                    + (f" of length {len(image)}." if isinstance(image, (list, tuple)) else ".")
+                )
+        else:
+            raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
+        images_per_row = [self._check_images(entry) for entry in row_images]
+
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 2:
+            raise ValueError(
+                "`num_inference_steps` must be an integer >= 2 (points on the flow schedule, upstream's num_timesteps; "
+                f"N points give N - 1 denoising steps), got {num_inference_steps!r}."
+            )
+        generators = self._check_generators(generator, len(prompts))
+        if g2tr_ratio is not None and not (_is_number(g2tr_ratio) and 0.0 < g2tr_ratio <= 1.0):
+            raise ValueError(f"`g2tr_ratio` must be a number in (0, 1] (1.0 = no reduction), got {g2tr_ratio!r}.")
+        for name, value in (("cfg_text_scale", cfg_text_scale), ("cfg_img_scale", cfg_img_scale)):
+            if value is not None and not (_is_number(value) and value >= 0.0):
+                raise ValueError(f"`{name}` must be a finite number >= 0 (<= 1 skips its branch), got {value!r}.")
+        if cfg_interval is not None:
+            pair = tuple(cfg_interval) if isinstance(cfg_interval, (list, tuple)) else ()
+            if len(pair) != 2 or not all(_is_number(v) for v in pair) or not 0.0 <= pair[0] <= pair[1] <= 1.0:
+                raise ValueError(
+                    f"`cfg_interval` must be a pair (lo, hi) with 0 <= lo <= hi <= 1, got {cfg_interval!r}."
+                )
+        if cfg_renorm_type is not None and cfg_renorm_type not in CFG_RENORM_TYPES:
+            raise ValueError(f"`cfg_renorm_type` must be one of {list(CFG_RENORM_TYPES)}, got {cfg_renorm_type!r}.")
+        if cfg_renorm_min is not None and not (_is_number(cfg_renorm_min) and 0.0 <= cfg_renorm_min <= 1.0):
+            raise ValueError(f"`cfg_renorm_min` must be a number in [0, 1], got {cfg_renorm_min!r}.")
+        if not (_is_number(timestep_shift) and timestep_shift > 0.0):
+            raise ValueError(f"`timestep_shift` must be a finite number > 0, got {timestep_shift!r}.")
+        if not isinstance(think, bool):
+            raise ValueError(f"`think` must be a bool, got {think!r}.")
+        if not isinstance(max_think_tokens, int) or isinstance(max_think_tokens, bool) or max_think_tokens < 1:
+            raise ValueError(f"`max_think_tokens` must be an integer >= 1, got {max_think_tokens!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
+        self._check_size(height, width, any(images_per_row))
+
+        requests = []
+        for text, images in zip(prompts, images_per_row):
+            preset = EDIT_GUIDANCE if images else TEXT_TO_IMAGE_GUIDANCE
+            guidance = GuidanceSettings(
+                text_scale=float(preset.text_scale if cfg_text_scale is None else cfg_text_scale),
+                image_scale=float(preset.image_scale if cfg_img_scale is None else cfg_img_scale),
+                interval=tuple(float(v) for v in (preset.interval if cfg_interval is None else cfg_interval)),
+                renorm_type=preset.renorm_type if cfg_renorm_type is None else cfg_renorm_type,
+                renorm_min=float(preset.renorm_min if cfg_renorm_min is None else cfg_renorm_min),
+            )
+            requests.append(_Request(prompt=text, images=images, guidance=guidance))
+        return requests, generators
+
+    @staticmethod
+    def _check_images(entry: Any) -> list[Any]:
+        if entry is None:
+            return []
+        images = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+        if not images:
+            raise ValueError(
+                "`image`: an edit needs at least one input image (got an empty list); pass None for text-to-image."
+            )
+        for item in images:
+            if not _is_image(item):
+                shape = f" of shape {tuple(item.shape)}" if isinstance(item, (np.ndarray, torch.Tensor)) else ""
+                raise ValueError(
+                    "`image` must hold PIL images, numpy arrays (H, W[, C]) or tensors (C, H, W), got "
+                    f"{type(item).__name__}{shape}."
+                )
+        return images
+
+    @staticmethod
+    def _check_generators(generator: Any, num_requests: int) -> list[torch.Generator | None]:
+        if generator is None or isinstance(generator, torch.Generator):
+            return [generator] * num_requests
+        if (
+            isinstance(generator, (list, tuple))
+            and len(generator) == num_requests
+            and all(isinstance(g, torch.Generator) for g in generator)
+        ):
+            return list(generator)
+        raise ValueError(
+            f"`generator` must be None, a torch.Generator or a list of {num_requests} (one per prompt), got "
+            f"{type(generator).__name__}."
+        )
+
+    def _check_size(self, height: Any, width: Any, has_edit: bool) -> None:
+        stride = self.model.latent_downsample
+        largest = self.model.config.max_latent_size * stride
+        for name, value in (("height", height), ("width", width)):
+            if value is None:
+                continue
+            if has_edit:
+                raise ValueError(
+                    f"`{name}` applies to text-to-image only: an edit keeps the VAE-resized size of its input image."
+                )
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            if not is_int or value % stride or not stride <= value <= largest:
+                raise ValueError(
+                    f"`{name}` must be a multiple of {stride} in [{stride}, {largest}] (the latent position table "
+                    f"covers {self.model.config.max_latent_size} tokens per side), got {value!r}."
+                )
+
+    def _text_segment(self, text: str) -> torch.LongTensor:
+        """`<|im_start|> text <|im_end|>` as ids [1, L] on the model's device (upstream `prepare_prompts`)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = [self.processor.im_start_token_id, *ids, self.processor.im_end_token_id]
+        return torch.tensor([ids], dtype=torch.long, device=self.model.device)
+
+    # --- transformers.Pipeline plumbing ---------------------------------------------------------------------------
+
+    def _sanitize_parameters(self, **kwargs):
+        """Settings are per call (`__call__`'s keyword arguments); the constructor takes none."""
+        if kwargs:
+            raise ValueError(
+                f"G2TRBagelPipeline takes its settings per call, not at construction: got {sorted(kwargs)}."
+            )
+        return {}, {}, {}
+
+    def progress_bar(self, total: int, disable: bool = False):
+        """A tqdm bar over `total` steps (diffusers-style; `set_progress_bar_config` sets its options)."""
+        config = dict(self._progress_bar_config)
+        config["disable"] = disable or config.get("disable", False)
+        return tqdm(total=total, **config)
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options of the denoising progress bar (tqdm keyword arguments, e.g. `disable=True`)."""
+        self._progress_bar_config = kwargs

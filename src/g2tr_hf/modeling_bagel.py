@@ -42,7 +42,7 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.import_utils import is_diffusers_available
 
 from .configuration_bagel import G2TRBagelConfig
-from .reduction import ReductionResult, build_latent_anchors, reduce_tokens, validate_reduction_options
+from .reduction import ReductionResult, build_latent_anchors, reduce_tokens
 
 
 if is_diffusers_available():
@@ -1050,11 +1050,7 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
                 anchors.to(image_features.dtype),
                 anchor_grid,
                 ratio=ratio,
-                min_keep=config.g2tr_min_keep,
-                method=config.g2tr_method,
-                merge=config.g2tr_merge,
-                merge_scaling=config.g2tr_merge_scaling,
-                cell_mapping=config.g2tr_cell_mapping,
+                **config.g2tr_reduction_kwargs(),
             )
             results.append(result)
             kept.append(result.keep + offset)
@@ -1108,15 +1104,6 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
 
     def _project_latent_anchors(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.vae2llm(pooled.to(device=self.vae2llm.weight.device, dtype=self.vae2llm.weight.dtype))
-
-    def _resolve_g2tr_ratio(self, g2tr_ratio: float | None) -> float:
-        """The keep ratio of this call (per-call value, else the config's), validated."""
-        # `from_pretrained(..., g2tr_*=...)` assigns after the config's own checks ran, so check again here.
-        self.config.validate_g2tr()
-        if g2tr_ratio is None:
-            return float(self.config.g2tr_ratio)
-        validate_reduction_options(ratio=g2tr_ratio, prefix="g2tr_")
-        return float(g2tr_ratio)
 
     def _check_vae_inputs(self, vae_pixel_values, vae_image_hw) -> None:
         if not isinstance(vae_pixel_values, torch.Tensor) or vae_pixel_values.dim() != 4:
@@ -1273,7 +1260,7 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         _check_text_inputs(input_ids, attention_mask)
-        ratio = self._resolve_g2tr_ratio(g2tr_ratio)
+        ratio = self.config.resolve_g2tr_ratio(g2tr_ratio)
         batch_size, length = input_ids.shape
         device = input_ids.device
 
@@ -1538,7 +1525,7 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
         Returns:
             The reduction plan, or None at ratio 1 (the unreduced upstream block, no anchors used).
         """
-        ratio = self._resolve_g2tr_ratio(g2tr_ratio)
+        ratio = self.config.resolve_g2tr_ratio(g2tr_ratio)
         if not isinstance(image_grid_hw, torch.Tensor) or tuple(image_grid_hw.shape) != (1, 2):
             shape = tuple(getattr(image_grid_hw, "shape", ()))
             raise ValueError(f"`image_grid_hw` must be a tensor [1, 2] (one image), got shape {shape}.")

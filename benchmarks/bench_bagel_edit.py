@@ -37,11 +37,10 @@ import torch
 from PIL import Image
 
 from g2tr_hf.configuration_bagel import G2TRBagelConfig
-from g2tr_hf.modeling_bagel import G2TRBagelForConditionalGeneration
 from g2tr_hf.pipeline_bagel import EDIT_GUIDANCE, G2TRBagelPipeline, flow_timesteps
-from g2tr_hf.processing_bagel import G2TRBagelImageProcessor, G2TRBagelProcessor, build_tiny_bagel_tokenizer
 from g2tr_hf.profiling import BAGEL_7B_LLM, DecoderShape, Segment, kv_cache_bytes, module_flops, prefill_flops
 from g2tr_hf.reduction import keep_count
+from mid_size import mid_size_bagel
 
 
 RATIOS = (1.0, 0.5)
@@ -144,20 +143,7 @@ def analytic_table() -> None:
 
 
 def mid_size_pipeline() -> G2TRBagelPipeline:
-    tokenizer, ids = build_tiny_bagel_tokenizer()
-    config = G2TRBagelConfig(
-        llm_config=dict(
-            vocab_size=ids["vocab_size"], hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
-            num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=8192,
-        ),
-        vit_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6),
-        vae_config=dict(block_out_channels=[32, 64, 64, 64], layers_per_block=1, norm_num_groups=16),
-        g2tr_min_keep=MIN_KEEP,
-        **{key: value for key, value in ids.items() if key != "vocab_size"},
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = G2TRBagelForConditionalGeneration(config).eval()
-    processor = G2TRBagelProcessor(image_processor=G2TRBagelImageProcessor(), tokenizer=tokenizer)
+    model, processor = mid_size_bagel(min_keep=MIN_KEEP)
     pipe = G2TRBagelPipeline(model=model, processor=processor, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -25,10 +25,9 @@ import torch
 from PIL import Image
 
 from g2tr_hf.configuration_bagel import G2TRBagelConfig
-from g2tr_hf.modeling_bagel import G2TRBagelForConditionalGeneration
-from g2tr_hf.processing_bagel import G2TRBagelImageProcessor, G2TRBagelProcessor, build_tiny_bagel_tokenizer
 from g2tr_hf.profiling import BAGEL_7B_LLM, account_request, module_flops
 from g2tr_hf.reduction import keep_count
+from mid_size import mid_size_bagel
 
 
 QUESTION_TOKENS = 30
@@ -94,25 +93,8 @@ def analytic_table() -> None:
     print()
 
 
-def mid_size_model() -> tuple[G2TRBagelForConditionalGeneration, G2TRBagelProcessor]:
-    tokenizer, ids = build_tiny_bagel_tokenizer()
-    config = G2TRBagelConfig(
-        llm_config=dict(
-            vocab_size=ids["vocab_size"], hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
-            num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=8192,
-        ),
-        vit_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6),
-        vae_config=dict(block_out_channels=[32, 64, 64, 64], layers_per_block=1, norm_num_groups=16),
-        **{key: value for key, value in ids.items() if key != "vocab_size"},
-    )
-    torch.manual_seed(0)
-    model = G2TRBagelForConditionalGeneration(config).eval()
-    processor = G2TRBagelProcessor(image_processor=G2TRBagelImageProcessor(), tokenizer=tokenizer)
-    return model, processor
-
-
 def measured_table(repeats: int) -> None:
-    model, processor = mid_size_model()
+    model, processor = mid_size_bagel()
     image = Image.fromarray((np.random.RandomState(0).rand(512, 512, 3) * 255).astype(np.uint8))
     question = " ".join(["what"] * QUESTION_TOKENS)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from transformers import AutoModelForImageTextToText, pipeline
 from g2tr_hf import G2TRBagelForConditionalGeneration, build_tiny
 from g2tr_hf.cli import main as cli_main
 from g2tr_hf.hub import export, push_to_hub, render_model_card
+from remote_code import run_without_g2tr_hf
 
 
 MODEL_CARD = Path(__file__).resolve().parents[1] / "model_cards" / "bagel.md"
@@ -102,19 +101,10 @@ def test_model_card_metadata(exported):
     assert "g2tr_ratio=0.5" in card.text and "trust_remote_code=True" in card.text and "$" not in card.text
 
 
-# The child interpreter: isolated (-I, no PYTHONPATH) and with an import hook that refuses g2tr_hf (the package is
-# installed in the environment), so the model and processor classes can only come from the folder's remote code.
+# Runs in the isolated child of `remote_code.run_without_g2tr_hf`.
 CHILD = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class RefuseG2TRHF(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "g2tr_hf":
-                raise ImportError("g2tr_hf must not be imported by the remote-code test")
-            return None
-
-    sys.meta_path.insert(0, RefuseG2TRHF())
+    import json, sys
 
     import PIL.Image
     import torch
@@ -151,15 +141,7 @@ CHILD = textwrap.dedent(
 
 
 def run_child(folder: Path, image_path: Path, scratch: Path) -> dict:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(scratch / "modules"))
-    command = [sys.executable, "-I", "-c", CHILD, str(folder), str(image_path), QUESTION, str(RATIO)]
-    completed = subprocess.run(
-        [*command, str(MAX_NEW_TOKENS)], env=env, cwd=scratch, capture_output=True, text=True, timeout=300
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    (line,) = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-    return json.loads(line[len("RESULT ") :])
+    return run_without_g2tr_hf(CHILD, folder, image_path, QUESTION, RATIO, MAX_NEW_TOKENS, workdir=scratch)
 
 
 def test_remote_code_load_without_g2tr_hf_matches_local_class(exported, image_path, tmp_path):

@@ -5,10 +5,7 @@ model card's metadata."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from transformers import pipeline
 
 from g2tr_hf.hub import export, push_to_hub, render_model_card
 from g2tr_hf.tiny import build_tiny
+from remote_code import run_without_g2tr_hf
 
 
 MODEL_CARD = Path(__file__).resolve().parents[1] / "model_cards" / "internvlu.md"
@@ -85,19 +83,10 @@ def test_export_writes_remote_code_and_auto_maps(exported):
             assert not line.lstrip().startswith(("import g2tr_hf", "from g2tr_hf")), (code.name, line)
 
 
-# The child interpreter: isolated (-I), no PYTHONPATH, the editable install's path entry (the repository's src/) and
-# any editable finder removed, so the only way to the model classes is the folder's remote code.
+# Runs in the isolated child of `remote_code.run_without_g2tr_hf`.
 CHILD = textwrap.dedent(
     """
-    import importlib.util, json, sys
-    from pathlib import Path
-
-    def holds(entry, package):
-        return (Path(entry or ".") / package).is_dir()
-
-    sys.path[:] = [p for p in sys.path if not (holds(p, "g2tr_hf") and not holds(p, "transformers"))]
-    sys.meta_path[:] = [finder for finder in sys.meta_path if "g2tr" not in repr(finder).lower()]
-    assert importlib.util.find_spec("g2tr_hf") is None, "g2tr_hf is importable in the child"
+    import json, sys
 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
@@ -129,14 +118,7 @@ CHILD = textwrap.dedent(
 
 
 def test_remote_code_loads_offline_without_g2tr_hf(tiny, exported, image_path, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
-    arguments = [str(exported), str(image_path), QUESTION, str(RATIO), str(MAX_NEW_TOKENS)]
-    command = [sys.executable, "-I", "-c", CHILD, *arguments]
-    completed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    (line,) = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-    child = json.loads(line[len("RESULT ") :])
+    child = run_without_g2tr_hf(CHILD, exported, image_path, QUESTION, RATIO, MAX_NEW_TOKENS, workdir=tmp_path)
 
     for key in ("model_module", "processor_module", "image_processor_module"):
         assert child[key].startswith("transformers_modules."), child[key]

@@ -12,11 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,10 +29,10 @@ from g2tr_hf.modeling_bagel import patchify_latents, unpatchify_latents
 from g2tr_hf.pipeline_bagel import (
     G2TRBagelPipeline,
     classifier_free_guidance,
-    custom_pipelines_config,
     flow_timesteps,
 )
 from g2tr_hf.reduction import keep_count
+from remote_code import run_without_g2tr_hf
 
 
 STEPS = 3  # 2 denoising steps
@@ -508,19 +504,10 @@ def test_cli_edit_and_generate_on_the_tiny_model(tmp_path, image, capsys):
 
 # --- the Hub folder -------------------------------------------------------------------------------------------------
 
-# The child interpreter is isolated (-I, no PYTHONPATH) and refuses to import g2tr_hf (installed in the environment),
-# so the model, the processor and the pipeline can only come from the folder's remote code.
+# Runs in the isolated child of `remote_code.run_without_g2tr_hf`: the pipeline can only come from remote code.
 CHILD = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class RefuseG2TRHF(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "g2tr_hf":
-                raise ImportError("g2tr_hf must not be imported by the remote-code test")
-            return None
-
-    sys.meta_path.insert(0, RefuseG2TRHF())
+    import json, sys
 
     import numpy as np, PIL.Image, torch
     from transformers import pipeline
@@ -547,13 +534,7 @@ def test_pipeline_loads_from_an_exported_folder_without_g2tr_hf(tiny, pipe, imag
 
     source = tmp_path / "in.png"
     image.save(source)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    command = [sys.executable, "-I", "-c", CHILD, str(folder), str(source), str(tmp_path / "out.npy")]
-    completed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    (line,) = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-    child = json.loads(line[len("RESULT ") :])
+    child = run_without_g2tr_hf(CHILD, folder, source, tmp_path / "out.npy", workdir=tmp_path)
     assert child["pipeline"].startswith("transformers_modules.") and child["pipeline"].endswith("G2TRBagelPipeline")
     assert child["model"].startswith("transformers_modules.") and child["task"] == pipeline_module.PIPELINE_TASK
 

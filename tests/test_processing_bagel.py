@@ -7,9 +7,6 @@ official `MaxLongEdgeMinShortEdgeResize` rule; token layouts from spec §2.3 (up
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import PIL.Image
@@ -31,6 +28,7 @@ from g2tr_hf.processing_bagel import (
     build_tiny_bagel_tokenizer,
     patchify,
 )
+from remote_code import run_without_g2tr_hf
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -651,32 +649,25 @@ def test_remote_code_load_without_g2tr_hf(processor, tmp_path):
     image = np.asarray(random_image(64, 48))
     np.save(tmp_path / "image.npy", image)
     expected = apply_template(processor, chat(PIL.Image.fromarray(image), "What color?"))["input_ids"][0].tolist()
-    script = textwrap.dedent(
-        f"""
+    script = """
         import json, sys
         import numpy as np, PIL.Image
         from transformers import AutoImageProcessor, AutoProcessor
-        processor = AutoProcessor.from_pretrained({str(tmp_path / "repo")!r}, trust_remote_code=True)
-        image_processor = AutoImageProcessor.from_pretrained({str(tmp_path / "repo")!r}, trust_remote_code=True)
+        folder, image_path = sys.argv[1], sys.argv[2]
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
         assert type(image_processor).__name__ == "G2TRBagelImageProcessor"
         assert image_processor.vit_max_num_patch_per_side == 8
         assert "g2tr_hf" not in sys.modules
-        image = PIL.Image.fromarray(np.load({str(tmp_path / "image.npy")!r}))
-        messages = [{{"role": "user", "content": [{{"type": "image", "image": image}},
-                                                  {{"type": "text", "text": "What color?"}}]}}]
+        image = PIL.Image.fromarray(np.load(image_path))
+        messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                 {"type": "text", "text": "What color?"}]}]
         out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                             return_tensors="pt")
-        print(json.dumps({{"module": type(processor).__module__,
-                           "image_module": type(processor.image_processor).__module__,
-                           "ids": out["input_ids"][0].tolist()}}))
+        print("RESULT " + json.dumps({"module": type(processor).__module__,
+                                      "image_module": type(processor.image_processor).__module__,
+                                      "ids": out["input_ids"][0].tolist()}))
         """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_without_g2tr_hf(script, tmp_path / "repo", tmp_path / "image.npy", workdir=tmp_path)
     assert report["module"].startswith("transformers_modules") and report["image_module"] == report["module"]
     assert report["ids"] == expected

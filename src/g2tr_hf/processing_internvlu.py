@@ -23,7 +23,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import PIL.Image
-import torch
 from transformers import PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor

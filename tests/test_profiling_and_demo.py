@@ -103,6 +103,29 @@ def test_accounting_matches_the_cache_of_the_tiny_bagel():
 def test_run_understanding_reports_both_ratios():
     model, processor = build_tiny("bagel")
     report = run_understanding(model, processor, synthetic_scene(64), "what is it?", 0.5, max_new_tokens=3)
-    assert (report.image_tokens, report.kept_tokens) == (16, 8)
-    assert report.cache_entries[0] - report.cache_entries[1] == 8
+    accounting = report.profile.accounting
+    assert (accounting.image_tokens, accounting.kept_tokens) == ((16,), (8,))
+    assert accounting.kv_entries[0] - accounting.kv_entries[1] == 8
     assert all(isinstance(answer, str) for answer in report.answers)
+
+
+@pytest.mark.parametrize("name", ["bagel", "internvlu"])
+def test_profile_request_matches_the_model(name):
+    from g2tr_hf.profiling import profile_request
+
+    model, processor = build_tiny(name)
+    image = Image.new("RGB", (56, 56), (30, 160, 90))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what?"}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    profile = profile_request(model, inputs, g2tr_ratio=0.5, repeats=1)
+    with torch.inference_mode():
+        reduced = model(**inputs, use_cache=True, g2tr_ratio=0.5).past_key_values.get_seq_length()
+        full = model(**inputs, use_cache=True, g2tr_ratio=1.0).past_key_values.get_seq_length()
+    accounting = profile.accounting
+    assert accounting.image_tokens == (16,) and accounting.kept_tokens == (8,)
+    assert accounting.kv_entries == (full, reduced) and accounting.image_block_entries == (18, 10)
+    assert profile.anchor_encode_flops > 0 and all(seconds > 0 for seconds in profile.prefill_seconds)
+    unreduced = profile_request(model, inputs, g2tr_ratio=1.0, repeats=1)
+    assert unreduced.anchor_encode_flops == 0 and unreduced.accounting.kv_entries == (full, full)

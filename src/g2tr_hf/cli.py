@@ -56,10 +56,15 @@ def _understanding_demo(args: argparse.Namespace) -> None:
         source = "the tiny built-in BAGEL (random weights: its answers are meaningless)"
     image = Image.open(args.image).convert("RGB") if args.image else synthetic_scene()
     report = run_understanding(model, processor, image, args.question, args.ratio, args.max_new_tokens)
+    accounting, seconds = report.profile.accounting, report.profile.prefill_seconds
     print(f"Understanding request through {source}:")
-    print(f"  ViT tokens in / kept:        {report.image_tokens} / {report.kept_tokens}")
-    print(f"  KV cache after prefill:      {report.cache_entries[0]} -> {report.cache_entries[1]} entries")
-    print(f"  prefill time:                {report.prefill_seconds[0]:.3f} s -> {report.prefill_seconds[1]:.3f} s")
+    print(f"  ViT tokens in / kept:        {sum(accounting.image_tokens)} / {sum(accounting.kept_tokens)}")
+    print(f"  KV cache after prefill:      {accounting.kv_entries[0]} -> {accounting.kv_entries[1]} entries"
+          f" ({accounting.kv_ratio:.2f}x)")
+    print(f"  LLM prefill FLOPs:           {accounting.prefill_flops[0] / 1e9:.3g} G -> "
+          f"{accounting.prefill_flops[1] / 1e9:.3g} G, plus {report.profile.anchor_encode_flops / 1e9:.3g} G "
+          "for the anchor VAE encode")
+    print(f"  prefill time:                {seconds[0]:.3f} s -> {seconds[1]:.3f} s")
     print(f"  answer at ratio 1.0:         {report.answers[0]!r}")
     print(f"  answer at ratio {args.ratio}:         {report.answers[1]!r}")
 

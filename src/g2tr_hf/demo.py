@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .profiling import BAGEL_7B_LLM, Segment, kv_cache_bytes, prefill_flops
+from .profiling import BAGEL_7B_LLM, RequestProfile, Segment, kv_cache_bytes, prefill_flops, profile_request
 from .reduction import ReductionResult, build_latent_anchors, reduce_tokens
 
 
@@ -133,52 +133,25 @@ def run_demo(ratio: float = 0.5, min_keep: int = 32, seed: int = 0) -> DemoRepor
 
 @dataclass
 class UnderstandingReport:
-    """One understanding request run unreduced and reduced (each pair is (ratio 1.0, ratio r))."""
+    """One understanding request run unreduced and reduced: its profile and the greedy answers (ratio 1.0, r)."""
 
-    ratio: float
-    image_tokens: int
-    kept_tokens: int
-    cache_entries: tuple[int, int]
-    prefill_seconds: tuple[float, float]
+    profile: RequestProfile
     answers: tuple[str, str]
-
-
-def _reductions(output) -> list[ReductionResult] | None:
-    """The per-image plans a g2tr_hf model returns (BAGEL: `image_reductions`, InternVL-U: `reduction`)."""
-    return getattr(output, "image_reductions", None) or getattr(output, "reduction", None)
 
 
 def run_understanding(
     model, processor, image: Image.Image, question: str, ratio: float, max_new_tokens: int = 16
 ) -> UnderstandingReport:
-    """Ask `question` about `image` with the reduction off and at `ratio`: prefill (timed) and greedy answers."""
+    """Ask `question` about `image` with the reduction off and at `ratio`: profile the prefill, answer greedily."""
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     ).to(model.device)
+    profile = profile_request(model, inputs, g2tr_ratio=ratio)
     prompt_length = inputs["input_ids"].shape[1]
-    cache_entries, seconds, answers = [], [], []
-    image_tokens = kept_tokens = 0
+    answers = []
     for keep_ratio in (1.0, ratio):
         with torch.inference_mode():
-            model(**inputs, use_cache=True, g2tr_ratio=keep_ratio)  # warm-up: first-call kernel set-up
-            start = time.perf_counter()
-            output = model(**inputs, use_cache=True, g2tr_ratio=keep_ratio)
-            seconds.append(time.perf_counter() - start)
             generated = model.generate(**inputs, g2tr_ratio=keep_ratio, max_new_tokens=max_new_tokens, do_sample=False)
-        cache_entries.append(output.past_key_values.get_seq_length())
         answers.append(processor.decode(generated[0, prompt_length:], skip_special_tokens=True).strip())
-        plans = _reductions(output)
-        if plans:
-            image_tokens = sum(plan.num_tokens for plan in plans)
-            kept_tokens = sum(plan.num_kept for plan in plans)
-    if not image_tokens:  # ratio 1.0 (or min_keep covering the image): nothing was reduced
-        image_tokens = kept_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    return UnderstandingReport(
-        ratio=ratio,
-        image_tokens=image_tokens,
-        kept_tokens=kept_tokens,
-        cache_entries=(cache_entries[0], cache_entries[1]),
-        prefill_seconds=(seconds[0], seconds[1]),
-        answers=(answers[0], answers[1]),
-    )
+    return UnderstandingReport(profile, (answers[0], answers[1]))

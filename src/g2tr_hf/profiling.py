@@ -15,8 +15,10 @@ logit row).
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -25,12 +27,14 @@ __all__ = [
     "BAGEL_7B_LLM",
     "DecoderShape",
     "RequestAccounting",
+    "RequestProfile",
     "Segment",
     "account_request",
     "decoder_shape",
     "kv_cache_bytes",
     "module_flops",
     "prefill_flops",
+    "profile_request",
     "prompt_segments",
 ]
 
@@ -165,6 +169,7 @@ class RequestAccounting:
 
     image_tokens: tuple[int, ...]  # ViT tokens per image
     kept_tokens: tuple[int, ...]  # K per image
+    image_block_entries: tuple[int, int]  # KV entries of the image blocks (K + 2 each, markers included)
     kv_entries: tuple[int, int]
     kv_bytes: tuple[int, int]
     prefill_flops: tuple[int, int]
@@ -198,7 +203,88 @@ def account_request(
     return RequestAccounting(
         image_tokens=image_tokens,
         kept_tokens=tuple(kept_image_tokens),
+        image_block_entries=(
+            sum(s.length for s in full if s.image),
+            sum(s.length for s in reduced if s.image),
+        ),
         kv_entries=entries,
         kv_bytes=(kv_cache_bytes(entries[0], shape, bytes_per_value), kv_cache_bytes(entries[1], shape, bytes_per_value)),
         prefill_flops=(prefill_flops(full, shape), prefill_flops(reduced, shape)),
     )
+
+
+@dataclass(frozen=True)
+class RequestProfile:
+    """What one request costs without and with reduction on a g2tr_hf model (pairs are (ratio 1.0, ratio r))."""
+
+    ratio: float
+    accounting: RequestAccounting  # tokens, KV entries and bytes, analytic LLM prefill FLOPs
+    anchor_encode_flops: int  # the VAE encode that builds the anchors, counted on the model (0 when not run)
+    prefill_seconds: tuple[float, float]  # measured `model(**inputs, use_cache=True)`, median of the repeats
+
+
+def _image_markers(config) -> tuple[int, int, bool]:
+    """(start id, end id, bidirectional) of an image block: BAGEL's vision markers, InternVL-U's <img> </img>."""
+    if getattr(config, "vision_start_token_id", None) is not None:
+        return config.vision_start_token_id, config.vision_end_token_id, True
+    return config.image_start_token_id, config.image_end_token_id, False
+
+
+def _median_seconds(run, repeats: int) -> float:
+    run()  # warm-up: first-call kernel set-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def profile_request(model, inputs: Mapping[str, torch.Tensor], *, g2tr_ratio: float | None = None, repeats: int = 3):
+    """Profile one prefill of a g2tr_hf model (BAGEL or InternVL-U) at ratio 1.0 and at `g2tr_ratio`.
+
+    Args:
+        model: a g2tr_hf model in eval mode.
+        inputs: its processor's output for ONE request (batch 1).
+        g2tr_ratio: the reduced ratio (the model config's when None).
+        repeats: timed prefills per ratio (after one warm-up).
+    Returns:
+        `RequestProfile`. The kept counts come from the model's own reduction plans; the anchor encode FLOPs are
+        what FlopCounterMode attributes to the model's `vae` module during the reduced prefill.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if inputs["input_ids"].shape[0] != 1:
+        raise ValueError(f"`inputs` must hold one request (batch 1), got batch {inputs['input_ids'].shape[0]}.")
+    ratio = model.config.resolve_g2tr_ratio(g2tr_ratio)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            reduced = model(**inputs, use_cache=True, g2tr_ratio=ratio)
+        seconds = tuple(
+            _median_seconds(lambda r=r: model(**inputs, use_cache=True, g2tr_ratio=r), repeats) for r in (1.0, ratio)
+        )
+    plans = getattr(reduced, "image_reductions", None) or getattr(reduced, "reduction", None)
+    start_id, end_id, bidirectional = _image_markers(model.config)
+    row = inputs["input_ids"][0].cpu()
+    if "attention_mask" in inputs:
+        row = row[inputs["attention_mask"][0].cpu().bool()]
+    if plans:
+        kept = [plan.num_kept for plan in plans]
+    else:  # nothing was reduced (ratio 1.0, or min_keep covers every image)
+        kept = [segment.length - 2 for segment in prompt_segments(row, start_id, end_id) if segment.image]
+    accounting = account_request(
+        row,
+        decoder_shape(model.config.get_text_config()),
+        image_start_token_id=start_id,
+        image_end_token_id=end_id,
+        kept_image_tokens=kept,
+        bidirectional_images=bidirectional,
+    )
+    # `vae.encode` is called directly (not `vae.forward`), so sum the VAE's immediate children; deeper names are
+    # already contained in theirs.
+    vae_flops = sum(
+        sum(counts.values())
+        for name, counts in counter.get_flop_counts().items()
+        if name.split(".")[1:2] == ["vae"] and name.count(".") == 2
+    )
+    return RequestProfile(ratio, accounting, int(vae_flops), (seconds[0], seconds[1]))

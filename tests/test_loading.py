@@ -38,3 +38,15 @@ def test_device_map_auto_loads_and_matches(name, tmp_path):
         expected = model(**inputs, g2tr_ratio=0.5).logits
         actual = loaded(**inputs).logits
     torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("name", ["bagel", "internvlu"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.25), (torch.float16, 0.02)])
+def test_half_precision_forward_follows_fp32(name, dtype, tolerance):
+    model, processor = build_tiny(name)
+    inputs = _request(processor)
+    with torch.inference_mode():
+        reference = model(**inputs, g2tr_ratio=0.5).logits
+        logits = model.to(dtype)(**inputs, g2tr_ratio=0.5).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    torch.testing.assert_close(logits.float(), reference, atol=tolerance, rtol=0)

@@ -151,20 +151,27 @@ def _model_subcommands(commands: argparse._SubParsersAction, name: str, help_tex
     return parser.add_subparsers(dest="model", required=True)
 
 
+def _add_convert_arguments(parser: argparse.ArgumentParser, source_help: str, weights: str) -> None:
+    """The arguments every `g2tr-hf convert <model>` takes."""
+    parser.add_argument("source", help=source_help)
+    parser.add_argument("destination", help="folder to write (atomically)")
+    parser.add_argument("--ratio", type=float, default=0.5, help="g2tr_ratio stored in config.json (default 0.5)")
+    parser.add_argument(
+        "--link",
+        choices=("hardlink", "symlink", "copy"),
+        default="hardlink",
+        help=f"how {weights} reach the folder (default hardlink; symlink if that fails)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+
 def _add_bagel_file_commands(commands: argparse._SubParsersAction) -> None:
     """`g2tr-hf convert bagel SRC DST` and `g2tr-hf export --model PATH_OR_tiny-bagel DST`."""
     convert = _model_subcommands(commands, "convert", "convert an official checkpoint into a loadable folder")
     bagel = convert.add_parser("bagel", help="a ByteDance-Seed/BAGEL-7B-MoT snapshot folder")
-    bagel.add_argument("source", help="snapshot folder (llm_config.json, vit_config.json, ema/ae.safetensors, ...)")
-    bagel.add_argument("destination", help="folder to write (atomically)")
-    bagel.add_argument("--ratio", type=float, default=0.5, help="g2tr_ratio stored in config.json (default 0.5)")
-    bagel.add_argument(
-        "--link",
-        choices=("hardlink", "symlink", "copy"),
-        default="hardlink",
-        help="how ema.safetensors reaches the folder (default hardlink; symlink if that fails)",
+    _add_convert_arguments(
+        bagel, "snapshot folder (llm_config.json, vit_config.json, ema/ae.safetensors, ...)", "ema.safetensors"
     )
-    bagel.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     bagel.add_argument(
         "--config-overrides",
         type=_json_object,
@@ -198,13 +205,7 @@ def _add_internvlu_file_commands(commands: argparse._SubParsersAction) -> None:
     """`g2tr-hf convert internvlu SRC DST`."""
     convert = _model_subcommands(commands, "convert", "convert an official checkpoint into a loadable folder")
     internvlu = convert.add_parser("internvlu", help="an InternVL-U snapshot folder (vlm/, vae/, processor/, ...)")
-    internvlu.add_argument("source", help="snapshot folder with the official sub-folders")
-    internvlu.add_argument("destination", help="folder to write (atomically)")
-    internvlu.add_argument("--ratio", type=float, default=0.5, help="g2tr_ratio stored in config.json (default 0.5)")
-    internvlu.add_argument(
-        "--link", choices=("hardlink", "symlink", "copy"), default="hardlink", help="how the vlm weights are placed"
-    )
-    internvlu.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    _add_convert_arguments(internvlu, "snapshot folder with the official sub-folders", "the vlm/ weights")
     internvlu.set_defaults(run=_convert_internvlu)
 
 

@@ -11,11 +11,8 @@ import PIL.Image
 import pytest
 import torch
 from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
     AutoModel,
     AutoModelForImageTextToText,
-    AutoProcessor,
     InternVLConfig,
     InternVLForConditionalGeneration,
     pipeline,
@@ -33,11 +30,7 @@ from g2tr_hf.modeling_internvlu import (
     pixel_shuffle,
     remove_positions,
 )
-from g2tr_hf.processing_internvlu import (
-    G2TRInternVLUImageProcessor,
-    G2TRInternVLUProcessor,
-    build_tiny_processor,
-)
+from g2tr_hf.processing_internvlu import G2TRInternVLUProcessor, build_tiny_processor
 from g2tr_hf.reduction import build_latent_anchors, interpolate_channels, keep_count, latent_cell_index, reduce_tokens
 
 
@@ -447,18 +440,7 @@ def test_remove_positions_left_pads_again():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _register_auto_classes():
-    AutoConfig.register("g2tr_internvl_u", G2TRInternVLUConfig, exist_ok=True)
-    AutoModel.register(G2TRInternVLUConfig, G2TRInternVLUForConditionalGeneration, exist_ok=True)
-    AutoModelForImageTextToText.register(G2TRInternVLUConfig, G2TRInternVLUForConditionalGeneration, exist_ok=True)
-    AutoProcessor.register(G2TRInternVLUConfig, G2TRInternVLUProcessor, exist_ok=True)
-    AutoImageProcessor.register(
-        G2TRInternVLUConfig, image_processor_classes={"pil": G2TRInternVLUImageProcessor}, exist_ok=True
-    )
-
-
 def test_save_load_round_trip_with_ratio_kwarg(model, processor, inputs, tmp_path):
-    _register_auto_classes()
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     config = (tmp_path / "config.json").read_text()

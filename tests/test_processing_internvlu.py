@@ -222,13 +222,6 @@ def test_bad_calls_raise(processor):
 
 
 def test_processor_round_trip(processor, tmp_path):
-    from transformers import AutoImageProcessor
-
-    from g2tr_hf.configuration_internvlu import G2TRInternVLUConfig
-
-    AutoImageProcessor.register(
-        G2TRInternVLUConfig, image_processor_classes={"pil": G2TRInternVLUImageProcessor}, exist_ok=True
-    )
     processor.save_pretrained(tmp_path)
     loaded = G2TRInternVLUProcessor.from_pretrained(tmp_path)
     assert loaded.image_seq_length == T and loaded.image_processor.image_size == 56

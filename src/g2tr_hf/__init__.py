@@ -43,7 +43,12 @@ def _register_auto_classes(config_class, model_class, processor_class, image_pro
     AutoModel.register(config_class, model_class, exist_ok=True)
     AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
     AutoProcessor.register(config_class, processor_class, exist_ok=True)
-    AutoImageProcessor.register(config_class, image_processor_classes={"pil": image_processor_class}, exist_ok=True)
+    try:
+        AutoImageProcessor.register(config_class, image_processor_classes={"pil": image_processor_class}, exist_ok=True)
+    except ImportError:
+        # transformers 5.17 without torchvision exposes AutoImageProcessor as a placeholder that raises on use. The
+        # processors load their own image processor class, so only the bare AutoImageProcessor lookup is lost.
+        pass
 
 
 _register_auto_classes(G2TRBagelConfig, G2TRBagelForConditionalGeneration, G2TRBagelProcessor, G2TRBagelImageProcessor)

@@ -248,6 +248,20 @@ class G2TRInternVLUProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values", "vae_pixel_values", "vae_pixel_sizes"]
 
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """Load the tokenizer with `AutoTokenizer` and the image processor with this file's class.
+
+        The base class goes through `AutoImageProcessor`, which needs a registration (a placeholder that raises on
+        transformers 5.17 without torchvision) or `trust_remote_code`; under remote code this file's class is the
+        same dynamic module as the processor.
+        """
+        subfolder = kwargs.pop("subfolder", "")
+        path = pretrained_model_name_or_path
+        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", path, subfolder=subfolder, **kwargs)
+        image_processor = G2TRInternVLUImageProcessor.from_pretrained(path, subfolder=subfolder, **kwargs)
+        return [image_processor, tokenizer]
+
     # -- prompts -------------------------------------------------------------------------------------------------
 
     def build_prompt(self, question: str, num_images: int = 0, system_message: str | None = None) -> str:

@@ -40,20 +40,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from g2tr_hf.configuration_internvlu import QWEN_IMAGE_VAE_CONFIG, G2TRInternVLUConfig
 from g2tr_hf.modeling_internvlu import G2TRInternVLUForConditionalGeneration
-from g2tr_hf.profiling import DecoderShape, Segment, kv_cache_bytes, prefill_flops
+from g2tr_hf.profiling import INTERNVLU_LLM, Segment, kv_cache_bytes, prefill_flops
 from g2tr_hf.reduction import keep_count, reduce_tokens
 
 
-# The LLM of InternVL-U (Qwen3-1.7B-shaped; internvlu.md §1.4). d_q = 16 * 128 = 2048 = hidden size.
-INTERNVLU_LLM = DecoderShape(
-    hidden_size=2048,
-    intermediate_size=6144,
-    num_layers=28,
-    num_heads=16,
-    num_kv_heads=8,
-    head_dim=128,
-    vocab_size=151936,
-)
 RATIOS = (1.0, 0.5)
 MIN_KEEP = 32  # InternVL-U's g2tr_min_keep; it binds only below ratio 0.125
 IMAGE_SIZE = 448

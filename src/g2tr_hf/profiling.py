@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "BAGEL_7B_LLM",
+    "INTERNVLU_LLM",
     "DecoderShape",
     "RequestAccounting",
     "RequestProfile",
@@ -61,6 +62,18 @@ BAGEL_7B_LLM = DecoderShape(
     num_kv_heads=4,
     head_dim=128,
     vocab_size=152064,
+)
+
+
+# The LLM of InternVL-U (Qwen3-1.7B-shaped; internvlu.md §1.4). d_q = 16 * 128 = 2048 = hidden size.
+INTERNVLU_LLM = DecoderShape(
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+    vocab_size=151936,
 )
 
 

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from g2tr_hf.configuration_bagel import G2TRBagelConfig
+from g2tr_hf.generation_g2tr import stored_length
 from g2tr_hf.pipeline_bagel import EDIT_GUIDANCE, G2TRBagelPipeline, flow_timesteps
 from g2tr_hf.profiling import BAGEL_7B_LLM, DecoderShape, Segment, kv_cache_bytes, module_flops, prefill_flops
 from g2tr_hf.reduction import keep_count
@@ -182,8 +183,8 @@ def measured_table(repeats: int) -> None:
         ratio: dict(
             prefill=statistics.median(seconds[ratio, "prefill"][1:]),
             step=statistics.median(seconds[ratio, "step"][1:]),
-            context=contexts[ratio].conditional[0].get_seq_length(),
-            held=contexts[ratio].conditional[0].get_seq_length() + contexts[ratio].no_image[0].get_seq_length(),
+            context=stored_length(contexts[ratio].conditional[0]),
+            held=stored_length(contexts[ratio].conditional[0]) + stored_length(contexts[ratio].no_image[0]),
         )
         for ratio in RATIOS
     }

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from g2tr_hf.compat import output_cache
 from g2tr_hf.configuration_bagel import G2TRBagelConfig
+from g2tr_hf.generation_g2tr import stored_length
 from g2tr_hf.profiling import BAGEL_7B_LLM, account_request, module_flops
 from g2tr_hf.reduction import keep_count
 from mid_size import mid_size_bagel
@@ -115,7 +117,7 @@ def measured_table(repeats: int) -> None:
                 output = model(**inputs, use_cache=True, g2tr_ratio=ratio)
             totals.append(time.perf_counter() - start)
             decoders.append(decoder_seconds[-1])
-        return statistics.median(totals[1:]), statistics.median(decoders[1:]), output.past_key_values.get_seq_length()
+        return statistics.median(totals[1:]), statistics.median(decoders[1:]), stored_length(output_cache(output))
 
     full_total, full_decoder, full_cache = run(1.0)
     red_total, red_decoder, red_cache = run(0.5)

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from g2tr_hf.compat import output_cache
+from g2tr_hf.generation_g2tr import stored_length
 from g2tr_hf.configuration_internvlu import QWEN_IMAGE_VAE_CONFIG, G2TRInternVLUConfig
 from g2tr_hf.modeling_internvlu import G2TRInternVLUForConditionalGeneration
 from g2tr_hf.profiling import INTERNVLU_LLM, Segment, kv_cache_bytes, prefill_flops
@@ -113,7 +115,7 @@ def unreduced_stage_flops() -> tuple[int, int]:
     with torch.device("meta"):
         model = G2TRInternVLUForConditionalGeneration(G2TRInternVLUConfig(vae_config=QWEN_IMAGE_VAE_CONFIG))
         pixels = torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE)
-        vit = meta_flops(lambda: model.get_image_features(pixels))
+        vit = meta_flops(lambda: model.get_image_features(pixels).pooler_output)
         vae = meta_flops(lambda: model.vae.encode(pixels.unsqueeze(2)).latent_dist.mode())
     return vit, vae
 
@@ -219,14 +221,14 @@ def print_measured(layout: PromptLayout, repeats: int) -> None:
     kept = {ratio: keep_count(layout.image_tokens, ratio, MIN_KEEP) for ratio in RATIOS}
 
     with torch.inference_mode():
-        features = model.get_image_features(inputs["pixel_values"])
+        features = model.get_image_features(inputs["pixel_values"]).pooler_output
         ((anchors, anchor_grid),) = model.get_latent_anchors(inputs["vae_pixel_values"], inputs["vae_pixel_sizes"])
         side = config.image_grid_size
         embeds = {ratio: torch.randn(1, layout.total(kept[ratio]), hidden) for ratio in RATIOS}
         stages = {
             "prefill 1.0": lambda: model(**inputs, g2tr_ratio=1.0, use_cache=True, logits_to_keep=1),
             "prefill 0.5": lambda: model(**inputs, g2tr_ratio=0.5, use_cache=True, logits_to_keep=1),
-            "vision": lambda: model.get_image_features(inputs["pixel_values"]),
+            "vision": lambda: model.get_image_features(inputs["pixel_values"]).pooler_output,
             "anchors": lambda: model.get_latent_anchors(inputs["vae_pixel_values"], inputs["vae_pixel_sizes"]),
             "select+merge": lambda: reduce_tokens(
                 features[0], (side, side), anchors, anchor_grid, ratio=0.5, min_keep=MIN_KEEP
@@ -240,7 +242,7 @@ def print_measured(layout: PromptLayout, repeats: int) -> None:
                 for ratio in RATIOS
             },
         }
-        cache_lengths = {r: stages[f"prefill {r}"]().past_key_values.get_seq_length() for r in RATIOS}  # warm-up
+        cache_lengths = {r: stored_length(output_cache(stages[f"prefill {r}"]())) for r in RATIOS}  # warm-up
         for fn in stages.values():
             fn()
         # Interleave the stages so that noise from other processes on the machine hits all of them alike.

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from g2tr_hf.compat import output_cache
 from g2tr_hf.configuration_bagel import G2TRBagelConfig
+from g2tr_hf.generation_g2tr import stored_length
 from g2tr_hf.modeling_bagel import (
     G2TRBagelForConditionalGeneration,
     block_causal_mask,
@@ -123,7 +125,9 @@ def build_inputs(rows: list[list], generation_prompt: bool = True) -> dict:
 
 
 def image_features(model, inputs: dict) -> torch.Tensor:
-    return model.get_image_features(inputs["pixel_values"], inputs["image_position_ids"], inputs["image_grid_hw"])
+    return model.get_image_features(
+        inputs["pixel_values"], image_position_ids=inputs["image_position_ids"], image_grid_hw=inputs["image_grid_hw"]
+    ).pooler_output
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +285,7 @@ def segmentwise_reference_logits(model, segments, image_embeds) -> torch.Tensor:
             positions = torch.arange(rope, rope + len(segment))[None]
             causal = True
             rope += len(segment)
-        new, past = embeds.shape[1], cache.get_seq_length()
+        new, past = embeds.shape[1], stored_length(cache)
         mask = torch.ones(new, past + new, dtype=torch.bool)
         if causal:
             mask[:, past:] = torch.ones(new, new, dtype=torch.bool).tril()
@@ -321,7 +325,7 @@ def test_prefill_in_two_calls_equals_one_call(model, images):
         part_two["attention_mask"] = torch.ones(1, whole["input_ids"].shape[1], dtype=torch.long)
         out = model(**part_two, past_key_values=step.past_key_values, g2tr_ratio=0.5, use_cache=True)
     torch.testing.assert_close(out.logits[:, -1], reference.logits[:, -1], atol=1e-5, rtol=1e-5)
-    assert out.past_key_values.get_seq_length() == reference.past_key_values.get_seq_length()
+    assert stored_length(output_cache(out)) == stored_length(output_cache(reference))
 
 
 def test_ratio_one_is_bit_identical_to_bypassed_reduction_and_never_encodes(images):
@@ -357,14 +361,14 @@ def test_cache_holds_text_plus_k_plus_two_per_image(model, images):
             out = model(**inputs, use_cache=True, g2tr_ratio=ratio)
         kept = [keep_count(24, ratio, 1), keep_count(9, ratio, 1)]
         assert [r.num_kept for r in out.image_reductions or []] == ([] if ratio == 1.0 else kept)
-        assert out.past_key_values.get_seq_length() == num_text + sum(k + 2 for k in kept)
-        assert out.logits.shape[1] == out.past_key_values.get_seq_length()
+        assert stored_length(output_cache(out)) == num_text + sum(k + 2 for k in kept)
+        assert out.logits.shape[1] == stored_length(output_cache(out))
         assert int(out.kept_token_mask.sum()) == out.logits.shape[1]
     # with the default min_keep of 32 both images stay whole
     model32 = tiny_model(g2tr_min_keep=32)
     with torch.no_grad():
         out = model32(**inputs, use_cache=True, g2tr_ratio=0.5)
-    assert out.past_key_values.get_seq_length() == inputs["input_ids"].shape[1]
+    assert stored_length(output_cache(out)) == inputs["input_ids"].shape[1]
 
 
 def test_kept_tokens_get_position_codes_of_their_original_ids(model, images):
@@ -404,8 +408,8 @@ def test_per_call_ratio_in_forward_and_generate(images):
         full = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     length = inputs["input_ids"].shape[1]
     k = keep_count(24, 0.5, 1)
-    assert per_call.past_key_values.get_seq_length() == length - (24 - k) + 3  # last new token is not cached
-    assert full.past_key_values.get_seq_length() == length + 3
+    assert stored_length(output_cache(per_call)) == length - (24 - k) + 3  # last new token is not cached
+    assert stored_length(output_cache(full)) == length + 3
     assert model.config.g2tr_ratio == 1.0  # a per-call value leaves the config alone
     configured = tiny_model(g2tr_ratio=0.5)
     with torch.no_grad():
@@ -486,7 +490,7 @@ def test_batch_of_two_equals_two_single_runs(model, images, ratio):
             length = single["input_ids"].shape[1]
             assert torch.equal(batch_seq[row, -(length + 6) :], single_seq[0])
             # each row's cache holds its own compact length (the rest is left padding)
-            assert int(batch_out.attention_mask[row].sum()) == single_out.past_key_values.get_seq_length()
+            assert int(batch_out.attention_mask[row].sum()) == stored_length(output_cache(single_out))
 
 
 def test_multi_step_cache_decoding_matches_full_recompute(model, images):
@@ -539,7 +543,7 @@ def test_bf16_forward_runs(images):
     with torch.no_grad():
         out = model(**inputs, g2tr_ratio=0.5, use_cache=True)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
-    assert out.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] - (24 - keep_count(24, 0.5, 1))
+    assert stored_length(output_cache(out)) == inputs["input_ids"].shape[1] - (24 - keep_count(24, 0.5, 1))
 
 
 def test_save_and_load_round_trip_with_ratio_kwarg(tmp_path, images):
@@ -561,7 +565,7 @@ def test_save_and_load_round_trip_with_ratio_kwarg(tmp_path, images):
         expected = model(**inputs, g2tr_ratio=0.5, use_cache=True)
         got = loaded(**inputs, use_cache=True)
     assert torch.equal(expected.logits, got.logits)
-    assert got.past_key_values.get_seq_length() < inputs["input_ids"].shape[1]
+    assert stored_length(output_cache(got)) < inputs["input_ids"].shape[1]
 
     with pytest.raises(TypeError):
         G2TRBagelForConditionalGeneration.from_pretrained(tmp_path, not_a_config_field=1)
@@ -625,5 +629,5 @@ def test_cuda_generation_matches_cpu(images):
         cuda_inputs = {key: value.to("cuda") for key, value in inputs.items()}
         out = model(**cuda_inputs, g2tr_ratio=0.5, use_cache=True)
         on_cuda = model.generate(**cuda_inputs, g2tr_ratio=0.5, max_new_tokens=4, do_sample=False)
-    assert out.past_key_values.get_seq_length() < inputs["input_ids"].shape[1]
+    assert stored_length(output_cache(out)) < inputs["input_ids"].shape[1]
     assert torch.equal(on_cuda.cpu(), on_cpu)

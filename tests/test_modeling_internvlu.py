@@ -19,6 +19,8 @@ from transformers import (
 )
 from transformers.models.internvl.modeling_internvl import InternVLModel
 
+from g2tr_hf.compat import output_cache
+from g2tr_hf.generation_g2tr import compaction_index, stored_length
 from g2tr_hf.configuration_internvlu import (
     QWEN_IMAGE_VAE_CONFIG,
     SPECIAL_TOKENS,
@@ -28,7 +30,6 @@ from g2tr_hf.configuration_internvlu import (
 from g2tr_hf.modeling_internvlu import (
     G2TRInternVLUForConditionalGeneration,
     pixel_shuffle,
-    remove_positions,
 )
 from g2tr_hf.processing_internvlu import G2TRInternVLUProcessor, build_tiny_processor
 from g2tr_hf.reduction import build_latent_anchors, interpolate_channels, keep_count, latent_cell_index, reduce_tokens
@@ -262,7 +263,7 @@ def _unreduced_logits(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         embeds = model.get_input_embeddings()(input_ids)
         embeds = model.apply_special_token_embeddings(embeds, input_ids)
-        features = model.get_image_features(inputs["pixel_values"])
+        features = model.get_image_features(inputs["pixel_values"]).pooler_output
         embeds = embeds.masked_scatter((input_ids == model.config.image_token_id)[..., None], features)
         return model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
 
@@ -344,7 +345,7 @@ def test_cache_holds_k_plus_two_per_image(model, processor):
         text_tokens = batch["input_ids"].shape[1] - num_images * (TOKENS_PER_IMAGE + 2)
         for ratio, kept in ((1.0, 16), (0.5, 8), (0.25, 4)):
             outputs = _run(model, batch, g2tr_ratio=ratio, use_cache=True)
-            assert outputs.past_key_values.get_seq_length() == text_tokens + num_images * (kept + 2)
+            assert stored_length(output_cache(outputs)) == text_tokens + num_images * (kept + 2)
 
 
 def test_per_call_ratio_leaves_the_config_alone(model, inputs):
@@ -422,17 +423,12 @@ def test_batch_of_two_equals_two_single_runs(model, processor):
         torch.testing.assert_close(prefill[row], alone_prefill[0], rtol=1e-4, atol=1e-4)
 
 
-def test_remove_positions_left_pads_again():
-    embeds = torch.arange(12, dtype=torch.float32).reshape(2, 6, 1)
-    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    drop = torch.tensor([[False, False, True, False, True, False], [False] * 6])
-    labels = torch.arange(12).reshape(2, 6)
-    out = remove_positions(drop, embeds, mask, labels)
-    assert out.attention_mask.tolist() == [[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
-    assert out.inputs_embeds[0, :, 0].tolist() == [0, 0, 0, 1, 3, 5]
-    assert out.inputs_embeds[1, :, 0].tolist() == [6, 7, 8, 9, 10, 11]
-    assert out.position_ids.tolist() == [[0, 0, 0, 0, 1, 2], [0, 1, 2, 3, 4, 5]]
-    assert out.labels.tolist() == [[-100, -100, -100, 1, 3, 5], [6, 7, 8, 9, 10, 11]]
+def test_compaction_index_left_pads_again():
+    keep = ~torch.tensor([[False, False, True, False, True, False], [False] * 6])
+    index, filled = compaction_index(keep)
+    embeds = torch.arange(12).reshape(2, 6)
+    assert filled.tolist() == [[False, False, True, True, True, True], [True] * 6]
+    assert embeds.gather(1, index).masked_fill(~filled, -1).tolist() == [[-1, -1, 0, 1, 3, 5], list(range(6, 12))]
 
 
 # ----------------------------------------------------------------------------------------------------------------

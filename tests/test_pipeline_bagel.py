@@ -24,6 +24,7 @@ from transformers import DynamicCache
 import g2tr_hf.pipeline_bagel as pipeline_module
 from g2tr_hf import build_tiny
 from g2tr_hf.cli import main as cli_main
+from g2tr_hf.generation_g2tr import stored_length
 from g2tr_hf.hub import export
 from g2tr_hf.modeling_bagel import patchify_latents, unpatchify_latents
 from g2tr_hf.pipeline_bagel import (
@@ -154,7 +155,7 @@ def test_context_equals_the_models_one_pass_prefill_with_a_fresh_encode(pipe, im
     with torch.no_grad():
         model(input_ids=ids, past_key_values=reference, use_cache=True, g2tr_ratio=ratio, **features)
 
-    assert built.get_seq_length() == reference.get_seq_length()
+    assert stored_length(built) == stored_length(reference)
     for ours, theirs in zip(built.layers, reference.layers):
         torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours.values, theirs.values, rtol=1e-5, atol=1e-5)
@@ -170,9 +171,9 @@ def test_context_lengths_and_cfg_contexts(pipe, image):
     assert kept < num_patches
     text = model_inputs["input_ids"].shape[1]
     conditional, no_text, no_image = contexts.conditional, contexts.no_text, contexts.no_image
-    assert conditional[0].get_seq_length() == (vae_h * vae_w + 2) + (kept + 2) + text
+    assert stored_length(conditional[0]) == (vae_h * vae_w + 2) + (kept + 2) + text
     assert no_text[0] is conditional[0] and no_text[1] == (vae_h * vae_w + 2) + (kept + 2)  # a prefix, no copy
-    assert no_image[0].get_seq_length() == text and no_image[1] is None
+    assert stored_length(no_image[0]) == text and no_image[1] is None
 
 
 def test_ratio_one_equals_the_unreduced_model(tiny, image, monkeypatch):
@@ -319,14 +320,14 @@ def test_denoising_never_writes_a_cache(pipe, image, monkeypatch):
     def record_contexts(*args, **kwargs):
         contexts = encode_context(*args, **kwargs)
         lengths["contexts"] = contexts
-        lengths["before"] = [contexts.conditional[0].get_seq_length(), contexts.no_image[0].get_seq_length()]
+        lengths["before"] = [stored_length(contexts.conditional[0]), stored_length(contexts.no_image[0])]
         lengths["keys"] = [layer.keys.clone() for layer in contexts.conditional[0].layers]
         return contexts
 
     monkeypatch.setattr(pipe, "encode_context", record_contexts)
     edit(pipe, image, g2tr_ratio=RATIO, num_inference_steps=4)
     contexts = lengths["contexts"]
-    assert [contexts.conditional[0].get_seq_length(), contexts.no_image[0].get_seq_length()] == lengths["before"]
+    assert [stored_length(contexts.conditional[0]), stored_length(contexts.no_image[0])] == lengths["before"]
     for layer, keys in zip(contexts.conditional[0].layers, lengths["keys"]):
         torch.testing.assert_close(layer.keys, keys, rtol=0, atol=0)
 
@@ -352,7 +353,7 @@ def test_velocity_against_a_prefix_equals_a_cache_that_holds_only_that_prefix(pi
         from_own_cache = model.flow_velocity(query, images_only)
         copy_of_cache = copy.deepcopy(contexts.conditional[0])
         length = query.shape[1]
-        position = int(getattr(copy_of_cache, "g2tr_bagel_layout").next_position)
+        position = int(copy_of_cache.layout.next_position)
         hidden = model.language_model.model(
             inputs_embeds=query,
             position_ids=torch.full((1, length), position),
@@ -456,7 +457,7 @@ def test_think_mode_adds_a_plan_to_the_conditional_context_only(pipe, image, mon
 
     def record_think(contexts, max_think_tokens):
         lengths["contexts"] = contexts
-        lengths["before"] = contexts.conditional[0].get_seq_length()
+        lengths["before"] = stored_length(contexts.conditional[0])
         return think(contexts, max_think_tokens)
 
     monkeypatch.setattr(pipe, "think", record_think)
@@ -469,8 +470,8 @@ def test_think_mode_adds_a_plan_to_the_conditional_context_only(pipe, image, mon
     plan = pipe._text_segment(second.thoughts[0]).shape[1]
     system = pipe._text_segment(pipeline_module.GEN_THINK_SYSTEM_PROMPT).shape[1]
     instruction = pipe._text_segment("make the sky red").shape[1]
-    assert contexts.conditional[0].get_seq_length() == lengths["before"] + plan
-    assert contexts.no_image[0].get_seq_length() == system + instruction
+    assert stored_length(contexts.conditional[0]) == lengths["before"] + plan
+    assert stored_length(contexts.no_image[0]) == system + instruction
     assert contexts.no_text[1] == lengths["before"] - instruction  # system prompt + images, no text
     assert edit(pipe, image).thoughts == [None]
 

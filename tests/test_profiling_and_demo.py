@@ -4,6 +4,8 @@ from PIL import Image
 
 from g2tr_hf import build_tiny
 from g2tr_hf.cli import main
+from g2tr_hf.compat import output_cache
+from g2tr_hf.generation_g2tr import stored_length
 from g2tr_hf.demo import run_demo, run_understanding, synthetic_scene
 from g2tr_hf.profiling import (
     BAGEL_7B_LLM,
@@ -94,8 +96,8 @@ def test_accounting_matches_the_cache_of_the_tiny_bagel():
         kept_image_tokens=[k],
     )
     with torch.inference_mode():
-        full = model(**inputs, use_cache=True, g2tr_ratio=1.0).past_key_values.get_seq_length()
-        reduced = model(**inputs, use_cache=True, g2tr_ratio=0.5).past_key_values.get_seq_length()
+        full = stored_length(output_cache(model(**inputs, use_cache=True, g2tr_ratio=1.0)))
+        reduced = stored_length(output_cache(model(**inputs, use_cache=True, g2tr_ratio=0.5)))
     assert accounting.image_tokens == (n,) and accounting.kv_entries == (full, reduced)
     assert accounting.flops_ratio > 1.0
 
@@ -121,8 +123,8 @@ def test_profile_request_matches_the_model(name):
     )
     profile = profile_request(model, inputs, g2tr_ratio=0.5, repeats=1)
     with torch.inference_mode():
-        reduced = model(**inputs, use_cache=True, g2tr_ratio=0.5).past_key_values.get_seq_length()
-        full = model(**inputs, use_cache=True, g2tr_ratio=1.0).past_key_values.get_seq_length()
+        reduced = stored_length(output_cache(model(**inputs, use_cache=True, g2tr_ratio=0.5)))
+        full = stored_length(output_cache(model(**inputs, use_cache=True, g2tr_ratio=1.0)))
     accounting = profile.accounting
     assert accounting.image_tokens == (16,) and accounting.kept_tokens == (8,)
     assert accounting.kv_entries == (full, reduced) and accounting.image_block_entries == (18, 10)

@@ -36,12 +36,25 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
+from transformers.utils import logging
 from transformers.utils.import_utils import is_diffusers_available
 
+from .compat import CACHE_KWARG, pop_cache_argument
 from .configuration_bagel import G2TRBagelConfig
+from .generation_g2tr import (
+    CacheLayout,
+    G2TRGenerationMixin,
+    as_compact_cache,
+    cached_layout,
+    compaction_index,
+    continuation_image_index,
+    ids_from_embeddings,
+    inside_blocks,
+    stored_length,
+)
 from .reduction import ReductionResult, build_latent_anchors, reduce_tokens
 
 
@@ -93,7 +106,9 @@ class BagelRotaryEmbedding(nn.Module):
         self.rope_theta = float(rope_parameters.get("rope_theta", getattr(config, "rope_theta", 1_000_000.0)))
         if rope_parameters.get("rope_type", "default") != "default":
             raise ValueError(f"Only the default RoPE is supported, got `rope_parameters`={rope_parameters}.")
-        self.register_buffer("inv_freq", torch.empty(self.head_dim // 2), persistent=False)
+        # Computed here (correct right after `__init__`, also under accelerate's `init_empty_weights`) and again by
+        # `_init_weights` (transformers builds models on the meta device, where this value is lost).
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
     def compute_inv_freq(self) -> torch.Tensor:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
@@ -287,6 +302,9 @@ class BagelMoTAttention(nn.Module):
         query, key = query.to(value.dtype), key.to(value.dtype)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
+            if attention_mask is not None and attention_mask.shape[-1] < key.shape[-2]:
+                # A static cache hands back its whole preallocated buffer; the unwritten tail is never visible.
+                attention_mask = F.pad(attention_mask, (0, key.shape[-2] - attention_mask.shape[-1]), value=False)
 
         attn_output, attn_weights = _attention_function(self.config)(
             self,
@@ -304,7 +322,7 @@ class BagelMoTAttention(nn.Module):
         return attn_output, attn_weights
 
 
-class BagelMoTDecoderLayer(nn.Module):
+class BagelMoTDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm Qwen2 block with every weight duplicated for the generation expert (upstream
     `Qwen2MoTDecoderLayer`)."""
 
@@ -326,12 +344,13 @@ class BagelMoTDecoderLayer(nn.Module):
         past_key_values: Cache | None = None,
         gen_token_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (hidden_states [B, L, D], attention weights [B, H, L, P+L] or None (fused kernels))."""
         residual = hidden_states
         hidden_states = route_experts(
             hidden_states, gen_token_mask, self.input_layernorm, self.input_layernorm_moe_gen
         )
-        hidden_states, _ = self.self_attn(
+        hidden_states, attn_weights = self.self_attn(
             hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -350,7 +369,7 @@ class BagelMoTDecoderLayer(nn.Module):
             return self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(x))
 
         hidden_states = route_experts(hidden_states, gen_token_mask, und_mlp, gen_mlp)
-        return residual + hidden_states
+        return residual + hidden_states, attn_weights
 
 
 class BagelTextModel(nn.Module):
@@ -377,6 +396,7 @@ class BagelTextModel(nn.Module):
         past_key_values: Cache | None = None,
         gen_token_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -386,26 +406,30 @@ class BagelTextModel(nn.Module):
             attention_mask: [B, 1, L, P+L] boolean (True = attend), or None (every key visible).
             past_key_values: a transformers `Cache` that receives the L new entries per layer.
             gen_token_mask: [B, L] bool, True where the generation expert (`*_moe_gen`) processes the token.
+            output_attentions: also return every layer's attention weights (needs the eager kernel).
         Returns:
             `BaseModelOutputWithPast` with `last_hidden_state` [B, L, D] after the expert's final norm.
         """
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for decoder_layer in self.layers:
-            hidden_states = decoder_layer(
+            hidden_states, attn_weights = decoder_layer(
                 hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                gen_token_mask=gen_token_mask,
+                position_embeddings,
+                attention_mask,
+                past_key_values,
+                gen_token_mask,
                 **kwargs,
             )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
         hidden_states = route_experts(hidden_states, gen_token_mask, self.norm, self.norm_moe_gen)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
         )
 
 
@@ -667,40 +691,6 @@ def latent_position_ids(height: int, width: int, max_latent_size: int, device=No
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class BagelCacheLayout:
-    """What the KV cache holds, entry by entry, for each row: which entries are real tokens (`attention_mask`) and
-    their RoPE positions (`position_ids`). With G2TR the cache is shorter than the caller's `input_ids` (dropped
-    image slots never enter it), so the caller's mask cannot be used for the cached part; this record replaces it.
-
-    Attributes:
-        attention_mask: [B, P] bool.
-        position_ids: [B, P] long.
-    """
-
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-
-    @property
-    def next_position(self) -> torch.Tensor:
-        """[B] the RoPE position of the next token of every row."""
-        if self.position_ids.shape[1] == 0:
-            return torch.zeros(self.position_ids.shape[0], dtype=torch.long, device=self.position_ids.device)
-        return self.position_ids.masked_fill(~self.attention_mask, -1).amax(dim=-1).clamp(min=-1) + 1
-
-    def extended(self, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> BagelCacheLayout:
-        return BagelCacheLayout(
-            torch.cat([self.attention_mask, attention_mask], dim=-1),
-            torch.cat([self.position_ids, position_ids], dim=-1),
-        )
-
-    def cropped(self, length: int) -> BagelCacheLayout:
-        return BagelCacheLayout(self.attention_mask[:, :length], self.position_ids[:, :length])
-
-
-_LAYOUT_ATTRIBUTE = "g2tr_bagel_layout"
-
-
 class BagelCachePrefix:
     """The first `length` entries of a KV cache, read-only: the context a denoising query attends to.
 
@@ -717,7 +707,7 @@ class BagelCachePrefix:
     """
 
     def __init__(self, past_key_values: Cache, length: int | None = None) -> None:
-        total = past_key_values.get_seq_length()
+        total = stored_length(past_key_values)
         length = total if length is None else length
         if not 0 <= length <= total:
             raise ValueError(f"`context_length` must lie in [0, {total}] (the cache length), got {length}.")
@@ -753,10 +743,7 @@ def image_block_structure(
             the rest of an image block shares the position of its start marker).
     """
     is_start = input_ids == vision_start_token_id
-    is_end = input_ids == vision_end_token_id
-    # Depth seen by each token, counting its own start marker but not its own end marker.
-    depth = is_start.long().cumsum(-1) - is_end.long().cumsum(-1) + is_end.long()
-    in_block = depth > 0
+    in_block = inside_blocks(input_ids, vision_start_token_id, vision_end_token_id)
     image_index = is_start.flatten().long().cumsum(0).view_as(input_ids)
     block_ids = torch.where(in_block, image_index, torch.zeros_like(image_index))
     advances = ~in_block | is_start
@@ -776,28 +763,6 @@ def index_to_mask(indices: torch.Tensor, size: int) -> torch.Tensor:
     mask = torch.zeros(size, dtype=torch.bool, device=indices.device)
     mask[indices] = True
     return mask
-
-
-def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather index that removes the dropped slots of every row and left-pads the rows again.
-
-    Args:
-        keep: [B, L] bool, False for the slots to remove.
-    Returns:
-        index [B, L'] long into the old sequence, and filled [B, L'] bool (False for the new left padding), with
-        L' = max row length after removal. Rows keep their order of tokens and are right-aligned.
-    """
-    batch, length = keep.shape
-    lengths = keep.sum(-1)
-    new_length = int(lengths.max())
-    destination = keep.long().cumsum(-1) - 1 + (new_length - lengths)[:, None]
-    rows = torch.arange(batch, device=keep.device)[:, None].expand(batch, length)
-    source = torch.arange(length, device=keep.device)[None, :].expand(batch, length)
-    index = torch.zeros(batch, new_length, dtype=torch.long, device=keep.device)
-    filled = torch.zeros(batch, new_length, dtype=torch.bool, device=keep.device)
-    index[rows[keep], destination[keep]] = source[keep]
-    filled[rows[keep], destination[keep]] = True
-    return index, filled
 
 
 def block_causal_mask(
@@ -828,27 +793,20 @@ def block_causal_mask(
 
 
 @dataclass
-class G2TRBagelCausalLMOutputWithPast(ModelOutput):
+class G2TRBagelCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
-    Output of [`G2TRBagelForConditionalGeneration`]. With G2TR the sequence the decoder ran on (and the logits) is
-    the COMPACT one: dropped image slots are removed and the rows re-left-padded.
+    Output of [`G2TRBagelForConditionalGeneration`]: transformers' `CausalLMOutputWithPast` (`loss`, `logits`, the KV
+    cache under the installed release's name, `hidden_states`, `attentions`) plus the reduction's bookkeeping. With
+    G2TR the sequence the decoder ran on (and so the logits) is the COMPACT one: dropped image slots are removed and
+    the rows re-left-padded.
 
     Args:
-        loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token loss when `labels` are given.
-        logits (`torch.FloatTensor` of shape `(batch_size, compact_length, vocab_size)`).
-        past_key_values (`Cache`, *optional*): the KV cache, holding K + 2 entries per image block.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*): decoder inputs and every layer's output.
         attention_mask (`torch.LongTensor` of shape `(batch_size, compact_length)`): which compact slots are real.
         kept_token_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): which of the caller's tokens
             entered the decoder (False for the slots of dropped image tokens).
         image_reductions (`list[ReductionResult]`, *optional*): the G2TR plan of every image (None at ratio 1).
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     attention_mask: torch.LongTensor | None = None
     kept_token_mask: torch.BoolTensor | None = None
     image_reductions: list[ReductionResult] | None = None
@@ -860,9 +818,9 @@ class G2TRBagelPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["BagelMoTDecoderLayer", "BagelSiglipEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     # Image blocks need a bidirectional span inside a causal mask, which a 2-D flash-attn padding mask cannot say.
     _supports_flash_attn = False
@@ -882,7 +840,7 @@ class G2TRBagelPreTrainedModel(PreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixin):
+class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrainedModel, GenerationMixin):
     r"""
     BAGEL-7B-MoT with G2TR: understanding (text generation from interleaved text and images) with the ViT tokens of
     every image reduced to `K = keep_count(N, g2tr_ratio, g2tr_min_keep)` by agreement with the model's own VAE
@@ -891,6 +849,8 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
 
     Also what `AutoModel` returns for this config.
     """
+
+    _image_input_names = _PATCH_INPUTS + _IMAGE_INPUTS
 
     def __init__(self, config: G2TRBagelConfig) -> None:
         super().__init__(config)
@@ -919,6 +879,9 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
                     "generation are unavailable. Install it with `pip install diffusers`."
                 )
 
+        if self.generation_config is not None:
+            # Text generation never emits an image placeholder: only the processor places them, with their pixels.
+            self.generation_config.suppress_tokens = [config.image_token_id]
         self.post_init()
 
     # --- embeddings (GenerationMixin / resize_token_embeddings) ---------------------------------------------------
@@ -999,13 +962,25 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
     # --- understanding-side features and the G2TR hook ------------------------------------------------------------
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, image_position_ids: torch.Tensor, image_grid_hw: torch.Tensor
-    ) -> torch.Tensor:
-        """SigLIP on all patches, then the connector: [P, 3*14*14] -> [P, hidden_size], BEFORE `vit_pos_embed`
-        (the tensor that G2TR scores and merges)."""
-        seq_lens = image_grid_hw.prod(-1)
-        vit_features = self.vit_model(pixel_values, image_position_ids, seq_lens)
-        return self.connector(vit_features)
+        self,
+        pixel_values: torch.Tensor,
+        image_position_ids: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """SigLIP on all patches, then the connector, BEFORE `vit_pos_embed` (the tensor G2TR scores and merges).
+
+        Args:
+            pixel_values: [P, 3*14*14] packed patches of all images (processor output).
+            image_position_ids: [P] flattened 2-D patch ids; image_grid_hw: [I, 2] (both processor outputs).
+        Returns:
+            `BaseModelOutputWithPooling` with `last_hidden_state` [P, vit_hidden] (SigLIP) and `pooler_output`
+            [P, hidden_size] (the connector's output, the image features the LLM receives), as transformers' VLMs.
+        """
+        if image_position_ids is None or image_grid_hw is None:
+            raise ValueError("`get_image_features` needs `image_position_ids` and `image_grid_hw` (processor outputs).")
+        vit_features = self.vit_model(pixel_values, image_position_ids, image_grid_hw.prod(-1))
+        return BaseModelOutputWithPooling(last_hidden_state=vit_features, pooler_output=self.connector(vit_features))
 
     def reduce_image_features(
         self,
@@ -1077,7 +1052,7 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
         Returns:
             embeddings [sum K, D], the kept packed patch indices [sum K] (None when nothing is reduced), the plans.
         """
-        features = self.get_image_features(pixel_values, image_position_ids, image_grid_hw)
+        features = self.get_image_features(pixel_values, image_position_ids, image_grid_hw).pooler_output
         if ratio >= 1.0:
             # The unreduced upstream path, untouched: no VAE encode, no plan.
             return features + self.vit_pos_embed(image_position_ids), None, None
@@ -1154,7 +1129,7 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
             )
         if image_grid_hw.dim() != 2 or image_grid_hw.shape[1] != 2:
             raise ValueError(f"`image_grid_hw` must have shape [num_images, 2], got {tuple(image_grid_hw.shape)}.")
-        image_tokens = input_ids == self.config.image_token_id
+        image_tokens = (input_ids == self.config.image_token_id) & (block_ids > 0)
         num_images = image_grid_hw.shape[0]
         tokens_per_block = torch.bincount(block_ids[image_tokens], minlength=num_images + 1)[1:]
         starts = int((input_ids == self.config.vision_start_token_id).sum())
@@ -1176,39 +1151,17 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
         if bool((image_position_ids < 0).any() | (image_position_ids >= max_id).any()):
             raise ValueError(f"`image_position_ids` must lie in [0, {max_id}) (row * side + col).")
 
-    # --- cache layout -----------------------------------------------------------------------------------------------
-
-    def _cached_layout(
-        self, past_key_values: Cache | None, attention_mask: torch.Tensor | None, batch_size: int, device
-    ) -> BagelCacheLayout:
-        """The layout of what `past_key_values` already holds (empty for a fresh cache)."""
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        layout = getattr(past_key_values, _LAYOUT_ATTRIBUTE, None) if past_key_values is not None else None
-        if past_length == 0:
-            empty = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
-            return BagelCacheLayout(empty.bool(), empty)
-        if layout is None:
-            # A cache filled outside this model: assume a plain text cache whose entries follow the caller's mask.
-            logger.warning_once(
-                "`past_key_values` carries no BAGEL layout; assuming its entries are plain text tokens aligned with "
-                "the first columns of `attention_mask`."
-            )
-            if attention_mask is not None and attention_mask.shape[1] >= past_length:
-                mask = attention_mask[:, :past_length].bool()
-            else:
-                mask = torch.ones(batch_size, past_length, dtype=torch.bool, device=device)
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            return BagelCacheLayout(mask.to(device), positions.to(device))
-        if layout.attention_mask.shape[1] < past_length:
-            raise ValueError(
-                f"`past_key_values` holds {past_length} entries but its BAGEL layout only "
-                f"{layout.attention_mask.shape[1]}: "
-                "the cache was extended outside this model without updating its layout."
-            )
-        # Caches can be cropped (e.g. when generation undoes a step); follow them.
-        return layout.cropped(past_length)
-
     # --- forward ------------------------------------------------------------------------------------------------
+
+    def _structure_ids(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The token ids that decide the prompt's structure (image blocks, placeholders), [B, L]. With
+        `inputs_embeds` alone, image tokens and markers are recognised by their word embedding; other positions
+        read as -1 (text)."""
+        if input_ids is not None:
+            return input_ids
+        config = self.config
+        special = (config.image_token_id, config.vision_start_token_id, config.vision_end_token_id)
+        return ids_from_embeddings(inputs_embeds, self.get_input_embeddings(), special)
 
     def forward(
         self,
@@ -1220,19 +1173,24 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
         vae_pixel_values: torch.FloatTensor | None = None,
         vae_image_hw: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         g2tr_ratio: float | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        decoding_step: bool = False,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> G2TRBagelCausalLMOutputWithPast | tuple:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
                 Left-padded prompt ids with full-length image blocks (`<|vision_start|>`, h*w `<|image_pad|>`,
-                `<|vision_end|>`), or the new tokens after a cache.
+                `<|vision_end|>`), or the new tokens after a cache. A placeholder counts as an image slot only inside
+                a complete block; elsewhere it is an ordinary token.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)` or longer, *optional*):
                 The caller's 2-D mask; its last `sequence_length` columns describe `input_ids`. The cached part is
                 read from the cache's own layout (which is shorter under G2TR).
@@ -1245,44 +1203,81 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
             vae_pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H_max, W_max)`, *optional*):
                 VAE-sized images in [-1, 1], zero-padded bottom/right. Needed only when `g2tr_ratio < 1`.
             vae_image_hw (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): each image's own (H, W).
-            past_key_values (`Cache`, *optional*): a transformers cache (a `DynamicCache` is created when
-                `use_cache` and none is given).
+            past_key_values (`Cache`, *optional*): a transformers cache, also accepted as `cache=` (transformers
+                >= 5.24). A `DynamicCache` is created when `use_cache` and none is given. The cache becomes a compact
+                cache (see `generation_g2tr`): it stores K + 2 entries per image and reports the caller's length.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                Instead of `input_ids`: word embeddings (`get_input_embeddings()`). Image placeholders and markers
+                are recognised by their embedding, so image inputs work with them too.
             g2tr_ratio (`float`, *optional*): keep ratio for this call, in (0, 1]; defaults to `config.g2tr_ratio`.
                 1.0 skips the reduction entirely (no VAE encode).
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): next-token targets
-                aligned with `input_ids` (-100 = ignored); they follow the compaction.
+                aligned with `input_ids` (-100 = ignored); they follow the compaction. `shift_labels` (already
+                shifted targets, as transformers' loss accepts) are compacted the same way.
             logits_to_keep (`int` or `torch.Tensor`, *optional*): compute logits only for the last `n` compact
                 positions (0 = all), or for the given compact indices.
+            output_attentions (`bool`, *optional*): return every decoder layer's attention weights over the compact
+                sequence; needs `attn_implementation="eager"`.
+            decoding_step (`bool`, *optional*, defaults to `False`): the ids are tokens the model generated itself
+                (`generate` sets it after the prompt): image placeholders among them are ordinary text.
+            position_ids: not accepted: BAGEL's RoPE positions follow from the image blocks (one position per
+                block) and the cache, so the model derives them.
         """
+        past_key_values = pop_cache_argument(past_key_values, kwargs)
+        shift_labels = kwargs.pop("shift_labels", None)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         use_cache = use_cache if use_cache is not None else getattr(self.config.llm_config, "use_cache", True)
         output_hidden_states = bool(
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        _check_text_inputs(input_ids, attention_mask)
+        output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
+        if output_attentions and (self.config._attn_implementation or "sdpa") != "eager":
+            raise ValueError(
+                "`output_attentions=True` needs the eager attention kernel: load the model with "
+                f"`attn_implementation=\"eager\"` (it uses {self.config._attn_implementation!r})."
+            )
+        if position_ids is not None:
+            raise ValueError(
+                "`position_ids` are not accepted: BAGEL derives its RoPE positions from the image blocks and the cache."
+            )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        checkpointing = any(layer.gradient_checkpointing for layer in self.language_model.model.layers)
+        if checkpointing and self.training and use_cache:
+            logger.warning_once("Gradient checkpointing recomputes layers, so no KV cache is kept: `use_cache=False`.")
+            use_cache = False
+        structure_ids = self._structure_ids(input_ids, inputs_embeds)
+        _check_text_inputs(structure_ids, attention_mask)
         ratio = self.config.resolve_g2tr_ratio(g2tr_ratio)
-        batch_size, length = input_ids.shape
-        device = input_ids.device
+        batch_size, length = structure_ids.shape
+        device = structure_ids.device
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config.get_text_config())
-        layout = self._cached_layout(past_key_values, attention_mask, batch_size, device)
+        if past_key_values is not None:
+            as_compact_cache(past_key_values)
+        layout = cached_layout(past_key_values, batch_size, device, attention_mask)
         new_mask = (
             attention_mask[:, -length:].to(device).bool()
             if attention_mask is not None
             else torch.ones(batch_size, length, dtype=torch.bool, device=device)
         )
-        block_ids, advances = image_block_structure(
-            input_ids, self.config.vision_start_token_id, self.config.vision_end_token_id
-        )
+        if decoding_step:
+            block_ids = torch.zeros_like(structure_ids)
+            advances = torch.ones_like(new_mask)
+        else:
+            block_ids, advances = image_block_structure(
+                structure_ids, self.config.vision_start_token_id, self.config.vision_end_token_id
+            )
         position_ids = rope_positions(advances, new_mask, layout.next_position.to(device))
 
         # 1. Embed the prompt; image slots get the (reduced) ViT tokens, dropped slots are marked in `kept`.
-        inputs_embeds = self.get_input_embeddings()(input_ids)
-        image_tokens = input_ids == self.config.image_token_id
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_tokens = (structure_ids == self.config.image_token_id) & (block_ids > 0)
         kept_token_mask, reductions = torch.ones_like(image_tokens), None
         if bool(image_tokens.any()):
-            self._check_image_inputs(input_ids, block_ids, pixel_values, image_position_ids, image_grid_hw)
+            self._check_image_inputs(structure_ids, block_ids, pixel_values, image_position_ids, image_grid_hw)
             image_embeds, kept_patches, reductions = self._image_block_embeddings(
                 pixel_values, image_position_ids, image_grid_hw, vae_pixel_values, vae_image_hw, ratio
             )
@@ -1292,6 +1287,11 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
             slots = (image_tokens & kept_token_mask)[..., None]
             image_embeds = image_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(slots, image_embeds)
+        elif pixel_values is not None:
+            raise ValueError(
+                "`pixel_values` were given but the prompt holds no complete image block (`<|vision_start|>`, the "
+                "`<|image_pad|>` placeholders, `<|vision_end|>`): build the prompt with this model's processor."
+            )
 
         # 2. Remove the dropped slots (each image block becomes K + 2 tokens) and re-left-pad the rows.
         if not bool(kept_token_mask.all()):
@@ -1302,10 +1302,14 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
             block_ids = block_ids.gather(1, index).masked_fill(~filled, 0)
             if labels is not None:
                 labels = labels.to(device).gather(1, index).masked_fill(~filled, -100)
+            if shift_labels is not None:
+                shift_labels = shift_labels.to(device).gather(1, index).masked_fill(~filled, -100)
 
-        # 3. One decoder pass with the block-causal mask against the cache (no mask for a lone unpadded query).
+        # 3. One decoder pass with the block-causal mask against the cache. A lone unpadded query against a growing
+        # cache needs no mask; a static cache always does (its unwritten tail must stay hidden).
         mask_4d = None
-        if inputs_embeds.shape[1] > 1 or not (bool(new_mask.all()) and bool(layout.attention_mask.all())):
+        static_cache = bool(getattr(past_key_values, "is_compileable", False))
+        if inputs_embeds.shape[1] > 1 or static_cache or not (bool(new_mask.all()) and bool(layout.attention_mask.all())):
             mask_4d = block_causal_mask(layout.attention_mask.to(device), new_mask, block_ids)
         outputs = self.language_model.model(
             inputs_embeds=inputs_embeds,
@@ -1313,10 +1317,11 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
             attention_mask=mask_4d,
             past_key_values=past_key_values,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             **kwargs,
         )
         if past_key_values is not None:
-            setattr(past_key_values, _LAYOUT_ATTRIBUTE, layout.extended(new_mask, position_ids))
+            past_key_values.layout = layout.extended(new_mask, position_ids, dropped=length - new_mask.shape[1])
 
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -1326,45 +1331,49 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
         logits = self.language_model.lm_head(hidden_states)
 
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.llm_config.vocab_size)
+        if labels is not None or shift_labels is not None:
+            loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                shift_labels=shift_labels,
+                vocab_size=self.config.llm_config.vocab_size,
+                **kwargs,
+            )
 
         output = G2TRBagelCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             attention_mask=new_mask.long(),
             kept_token_mask=kept_token_mask,
             image_reductions=reductions,
+            **{CACHE_KWARG: past_key_values if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
 
     # --- generation ---------------------------------------------------------------------------------------------
 
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
-        attention_mask: torch.LongTensor | None = None,
-        is_first_iteration: bool | None = False,
-        **kwargs,
+    def select_continuation_images(
+        self, model_inputs: dict, full_input_ids: torch.Tensor, fed_input_ids: torch.Tensor
     ) -> dict:
-        """The stock preparation, minus the image inputs after the prefill: the images are in the cache by then.
-
-        The caller's full-length `attention_mask` is passed on as is; `forward` reads only its newest columns and
-        takes the cached part (compact under G2TR) from the cache's layout, and derives RoPE positions itself.
-        """
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids,
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
-            is_first_iteration=is_first_iteration,
-            **kwargs,
-        )
-        if not is_first_iteration and model_inputs.get("use_cache", True):
-            for key in _PATCH_INPUTS + _IMAGE_INPUTS:
-                model_inputs.pop(key, None)
+        """A call that continues from a cache may pass every image of the conversation (as the processor returns
+        them for the whole chat): keep the packed inputs of the images whose blocks are in `fed_input_ids`."""
+        grid = model_inputs.get("image_grid_hw")
+        if grid is None:
+            return model_inputs
+        start = self.config.vision_start_token_id
+        total, new = (full_input_ids == start).sum(-1), (fed_input_ids == start).sum(-1)
+        if grid.shape[0] != int(total.sum()) or int(new.sum()) == int(total.sum()):
+            # Only the new images were passed (or a mismatch, which the forward reports).
+            return model_inputs
+        image_order = continuation_image_index(total, new).to(grid.device)
+        patch_order = _gather_segments(grid.prod(-1), image_order)
+        for key in self._image_input_names:
+            value = model_inputs.get(key)
+            if value is not None:
+                order = patch_order if key in _PATCH_INPUTS else image_order
+                model_inputs[key] = value.index_select(0, order.to(value.device))
         return model_inputs
 
     def _expand_inputs_for_generation(
@@ -1462,7 +1471,7 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
         at the next RoPE position, bidirectional inside the block, seeing the whole cache; the layout grows with it."""
         device = inputs_embeds.device
         length = inputs_embeds.shape[1]
-        layout = self._cached_layout(past_key_values, None, 1, device)
+        layout = cached_layout(as_compact_cache(past_key_values), 1, device)
         position_ids = layout.next_position.to(device)[:, None].expand(1, length)
         new_mask = torch.ones(1, length, dtype=torch.bool, device=device)
         attention_mask = None
@@ -1476,7 +1485,7 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
             past_key_values=past_key_values,
             gen_token_mask=gen_token_mask,
         )
-        setattr(past_key_values, _LAYOUT_ATTRIBUTE, layout.extended(new_mask, position_ids))
+        past_key_values.layout = layout.extended(new_mask, position_ids)
 
     @torch.no_grad()
     def prefill_vae_image(self, latents: torch.Tensor, past_key_values: Cache) -> None:
@@ -1598,7 +1607,7 @@ class G2TRBagelForConditionalGeneration(G2TRBagelPreTrainedModel, GenerationMixi
         """
         device = query_embeds.device
         context = BagelCachePrefix(past_key_values, context_length)
-        layout = self._cached_layout(past_key_values, None, 1, device).cropped(context.length)
+        layout = cached_layout(past_key_values, 1, device).cropped(context.length)
         length = query_embeds.shape[1]
         position_ids = layout.next_position.to(device)[:, None].expand(1, length)
         attention_mask = None
@@ -1667,7 +1676,6 @@ def _repeat_groups(group_sizes: torch.Tensor, repeats: int) -> torch.Tensor:
 G2TRBagelForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
-    "BagelCacheLayout",
     "BagelCachePrefix",
     "G2TRBagelCausalLMOutputWithPast",
     "G2TRBagelForConditionalGeneration",

@@ -17,8 +17,8 @@ pooled `g2tr_latent_pool` x `g2tr_latent_pool`, widened to the LLM width by the 
 interpolation), K of them are kept and the others merged into them. The processor always emits 256 `<IMG_CONTEXT>`
 per image; the model removes the 256 - K slots of the dropped tokens from the sequence and left-pads the rows
 again, so the KV cache holds K + 2 entries per image (`<img>`, K tokens, `</img>`). `generate()` keeps returning
-the caller's full `input_ids` followed by the new tokens; the shorter cache is tracked through a compacted
-attention mask carried between decoding steps.
+the caller's full `input_ids` followed by the new tokens; the cache becomes a compact cache (`generation_g2tr`)
+that records what it holds and answers in the caller's positions, so continuing a conversation from it is exact.
 """
 
 from __future__ import annotations
@@ -34,12 +34,23 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, Qwen3ForCausalLM
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
+from transformers.utils import logging
 from transformers.utils.import_utils import is_diffusers_available
 
+from .compat import CACHE_KWARG, output_cache, pop_cache_argument
 from .configuration_internvlu import SPECIAL_TOKENS, G2TRInternViTConfig, G2TRInternVLUConfig
+from .generation_g2tr import (
+    G2TRGenerationMixin,
+    as_compact_cache,
+    cached_layout,
+    compaction_index,
+    continuation_image_index,
+    ids_from_embeddings,
+    inside_blocks,
+)
 from .reduction import (
     ReductionResult,
     build_latent_anchors,
@@ -310,50 +321,12 @@ def build_qwen_image_vae(vae_config: dict) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of every column of a left-padded 2-D mask: 0, 1, ... over the real tokens, 0 on padding. [B, L]."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
-
-
-@dataclass
-class CompactedSequences:
-    """Rows of a batch after the positions of dropped visual tokens were removed, left-padded again."""
-
-    inputs_embeds: torch.Tensor  # [B, L', D]
-    attention_mask: torch.Tensor  # [B, L']
-    position_ids: torch.Tensor  # [B, L']
-    labels: torch.Tensor | None  # [B, L'] (-100 on padding)
-
-
-def remove_positions(
-    drop: torch.Tensor,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor | None = None,
-) -> CompactedSequences:
-    """Delete the positions flagged in `drop` [B, L] (and padding) from every row, then left-pad to the longest row.
-
-    Vectorised: every retained token gets its destination column from a cumulative sum over its row.
-    """
-    batch, length = drop.shape
-    retain = ~drop if attention_mask is None else attention_mask.to(drop.device).bool() & ~drop
-    lengths = retain.sum(dim=-1)
-    new_length = int(lengths.max())
-    destination = (new_length - lengths)[:, None] + retain.long().cumsum(dim=-1) - 1
-    rows = torch.arange(batch, device=drop.device)[:, None].expand(batch, length)
-    row_index, column_index = rows[retain], destination[retain]
-
-    embeds = inputs_embeds.new_zeros(batch, new_length, inputs_embeds.shape[-1])
-    embeds[row_index, column_index] = inputs_embeds[retain]
-    mask_dtype = attention_mask.dtype if attention_mask is not None else torch.long
-    mask = torch.zeros(batch, new_length, dtype=mask_dtype, device=drop.device)
-    mask[row_index, column_index] = 1
-    new_labels = None
-    if labels is not None:
-        new_labels = labels.new_full((batch, new_length), -100)
-        new_labels[row_index.to(labels.device), column_index.to(labels.device)] = labels[retain.to(labels.device)]
-    return CompactedSequences(embeds, mask, positions_from_mask(mask), new_labels)
+def positions_after(next_position: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of new tokens [B, L] that follow a cache: `next_position` [B] + 0, 1, ... over the real tokens of
+    the left-padded `attention_mask` [B, L] (as `generate` counts them); padding gets 0."""
+    mask = attention_mask.bool()
+    positions = next_position[:, None] + mask.long().cumsum(-1) - 1
+    return positions.masked_fill(~mask, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,28 +335,20 @@ def remove_positions(
 
 
 @dataclass
-class G2TRInternVLUCausalLMOutputWithPast(ModelOutput):
+class G2TRInternVLUCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
-    Output of [`G2TRInternVLUForConditionalGeneration`].
+    Output of [`G2TRInternVLUForConditionalGeneration`]: transformers' `CausalLMOutputWithPast` (`loss`, `logits`,
+    the KV cache under the installed release's name, `hidden_states`, `attentions`) plus:
 
-    loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token loss when `labels` are given.
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length', vocab_size)`): with reduction on, the
-        sequence is the compacted one (`sequence_length' <= sequence_length`).
-    past_key_values (`Cache`, *optional*): the KV cache (K + 2 entries per image).
-    hidden_states, attentions: as in transformers' causal LMs.
     image_hidden_states (`torch.FloatTensor` of shape `(num_images, 256, hidden_size)`, *optional*): the `mlp1`
         outputs before reduction.
     reduced_attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length')`, *optional*): the
-        attention mask of the compacted sequence; set only when visual tokens were removed.
+        attention mask of the compacted sequence; set only when visual tokens were removed. With reduction on,
+        `logits` follow this compacted sequence (`sequence_length' <= sequence_length`).
     reduction (`list[ReductionResult]`, *optional*): the G2TR plan of every image (kept indices, scores,
         assignment), in image order; set only when the reduction ran.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
     reduced_attention_mask: torch.LongTensor | None = None
     reduction: list[ReductionResult] | None = None
@@ -395,9 +360,9 @@ class G2TRInternVLUPreTrainedModel(PreTrainedModel):
     base_model_prefix = ""
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["InternViTLayer", "Qwen3DecoderLayer", "AutoencoderKLQwenImage"]
-    _skip_keys_device_placement = "past_key_values"
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -414,8 +379,10 @@ class G2TRInternVLUPreTrainedModel(PreTrainedModel):
             init.constant_(module.ls2, vision_config.initializer_factor)
 
 
-class G2TRInternVLUForConditionalGeneration(G2TRInternVLUPreTrainedModel, GenerationMixin):
+class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPreTrainedModel, GenerationMixin):
     """InternVL-U understanding with G2TR. See the module docstring for the checkpoint layout and the reduction."""
+
+    _image_input_names = ("pixel_values", "vae_pixel_values", "vae_pixel_sizes")
 
     _tied_weights_keys = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
 
@@ -436,6 +403,8 @@ class G2TRInternVLUForConditionalGeneration(G2TRInternVLUPreTrainedModel, Genera
             self.generation_config.eos_token_id = [config.im_end_token_id, config.image_start_token_id]
             if self.generation_config.pad_token_id is None:
                 self.generation_config.pad_token_id = config.text_config.pad_token_id
+            # Text generation never emits an image placeholder: only the processor places them, with their pixels.
+            self.generation_config.suppress_tokens = [config.image_token_id]
         self.post_init()
 
     # -- embeddings / heads -------------------------------------------------------------------------------------
@@ -462,13 +431,15 @@ class G2TRInternVLUForConditionalGeneration(G2TRInternVLUPreTrainedModel, Genera
 
     # -- vision --------------------------------------------------------------------------------------------------
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """ViT -> drop CLS -> pixel shuffle -> `mlp1`.
 
         Args:
             pixel_values: [N, 3, S, S], S = `config.vision_image_size`, normalised for the ViT.
         Returns:
-            [N, T, hidden_size] visual tokens, row-major over the (sqrt(T), sqrt(T)) grid (T = 256 for InternVL-U).
+            `BaseModelOutputWithPooling` as transformers' VLMs: `last_hidden_state` [N, 1 + (S/14)^2, vit_hidden]
+            (the selected ViT layer, CLS first) and `pooler_output` [N, T, hidden_size], the visual tokens the LLM
+            receives, row-major over the (sqrt(T), sqrt(T)) grid (T = 256 for InternVL-U).
         """
         size = self.config.vision_image_size
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
@@ -476,11 +447,12 @@ class G2TRInternVLUForConditionalGeneration(G2TRInternVLUPreTrainedModel, Genera
                 f"`pixel_values` must have shape [num_images, 3, {size}, {size}] (one tile per image, as the "
                 f"processor emits), got {tuple(pixel_values.shape)}."
             )
-        hidden = self.vision_model(pixel_values, select_layer=self.config.select_layer)[:, 1:]
+        vit_states = self.vision_model(pixel_values, select_layer=self.config.select_layer)
+        hidden = vit_states[:, 1:]
         side = int(math.isqrt(hidden.shape[1]))
         grid = hidden.reshape(hidden.shape[0], side, side, hidden.shape[-1])
         shuffled = pixel_shuffle(grid, self.config.downsample_ratio)
-        return self.mlp1(shuffled.flatten(1, 2))
+        return BaseModelOutputWithPooling(last_hidden_state=vit_states, pooler_output=self.mlp1(shuffled.flatten(1, 2)))
 
     # -- G2TR ----------------------------------------------------------------------------------------------------
 
@@ -588,29 +560,40 @@ class G2TRInternVLUForConditionalGeneration(G2TRInternVLUPreTrainedModel, Genera
         table = self.special_token_embedding.weight.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         return torch.where(matches.any(dim=-1, keepdim=True), table[slot], inputs_embeds)
 
+    def image_placeholder_mask(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: the `<IMG_CONTEXT>` slots of the prompt. A placeholder counts only inside an `<img> ...
+        </img>` block (as the processor writes them); elsewhere it is an ordinary token."""
+        config = self.config
+        in_block = inside_blocks(token_ids, config.image_start_token_id, config.image_end_token_id)
+        return (token_ids == config.image_token_id) & in_block
+
     def insert_image_features(
         self,
         inputs_embeds: torch.Tensor,
-        input_ids: torch.Tensor,
+        placeholder_mask: torch.Tensor,
         image_features: torch.Tensor,
         reduction: list[ReductionResult] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scatter the visual tokens into the `<IMG_CONTEXT>` positions, in (row, position) order.
+        """Scatter the visual tokens into the `<IMG_CONTEXT>` slots, in (row, position) order.
 
         With a reduction, every kept slot receives its merged token and the slots of dropped tokens are flagged.
 
+        Args:
+            inputs_embeds: [B, L, D]; placeholder_mask: [B, L] bool (`image_placeholder_mask`);
+            image_features: [N, T, D] `mlp1` outputs; reduction: one plan per image, or None.
         Returns:
             (inputs_embeds [B, L, D], drop [B, L] bool or None).
         """
-        placeholder = input_ids.to(inputs_embeds.device) == self.config.image_token_id
+        placeholder = placeholder_mask.to(inputs_embeds.device)
         image_features = image_features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         num_images, tokens_per_image = image_features.shape[:2]
         num_placeholders = int(placeholder.sum())
         if num_placeholders != num_images * tokens_per_image:
             raise ValueError(
-                f"The prompt holds {num_placeholders} `<IMG_CONTEXT>` tokens but {num_images} image(s) give "
+                f"The prompt holds {num_placeholders} `<IMG_CONTEXT>` slots but {num_images} image(s) give "
                 f"{num_images * tokens_per_image} visual tokens ({tokens_per_image} per image, whatever `g2tr_ratio`:"
-                " the model removes the dropped ones itself). Build the prompt with this model's processor."
+                " the model removes the dropped ones itself). Build the prompt with this model's processor, one "
+                "`<img>` block per image."
             )
         if reduction is None:
             return inputs_embeds.masked_scatter(placeholder[..., None], image_features), None
@@ -641,132 +624,156 @@ class G2TRInternVLUForConditionalGeneration(G2TRInternVLUPreTrainedModel, Genera
         vae_pixel_values: torch.FloatTensor | None = None,
         vae_pixel_sizes: torch.LongTensor | None = None,
         g2tr_ratio: float | None = None,
+        decoding_step: bool = False,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> G2TRInternVLUCausalLMOutputWithPast:
+    ) -> G2TRInternVLUCausalLMOutputWithPast | tuple:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): left-padded prompt ids with 256
-                `<IMG_CONTEXT>` per image (whatever the ratio).
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): left-padded prompt ids with one
+                `<img>` + 256 `<IMG_CONTEXT>` + `</img>` block per image (whatever the ratio), or the new tokens
+                after a cache.
             pixel_values (`torch.FloatTensor` of shape `(num_images, 3, 448, 448)`, *optional*): ViT pixels.
-            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 on tokens.
-            position_ids (`torch.LongTensor`, *optional*): derived from `attention_mask` when None; recomputed
-                when the reduction removes positions.
-            past_key_values (`Cache`, *optional*): the KV cache.
-            inputs_embeds (`torch.FloatTensor`, *optional*): instead of `input_ids` (text only).
-            labels (`torch.LongTensor`, *optional*): next-token targets (-100 ignored); compacted with the sequence.
+            attention_mask (`torch.Tensor` of shape `(batch_size, length >= sequence_length)`, *optional*): the
+                caller's 2-D mask (1 on tokens); its last `sequence_length` columns describe `input_ids`, the
+                cached part is read from the cache's own layout (shorter under G2TR).
+            position_ids (`torch.LongTensor`, *optional*): used as given when nothing is compacted (no reduction in
+                this call and none in the cache); otherwise derived from the compact layout (and refused if given).
+            past_key_values (`Cache`, *optional*): the KV cache, also accepted as `cache=` (transformers >= 5.24).
+                It becomes a compact cache: K + 2 entries per image, the caller's length reported.
+            inputs_embeds (`torch.FloatTensor`, *optional*): instead of `input_ids`: word embeddings
+                (`get_input_embeddings()`); the image blocks and special tokens are recognised by their embedding,
+                so image inputs work with them too.
+            labels (`torch.LongTensor`, *optional*): next-token targets (-100 ignored); compacted with the sequence,
+                as are `shift_labels` (already shifted targets, as transformers' loss accepts).
             use_cache (`bool`, *optional*), logits_to_keep (`int`, *optional*): as in transformers' causal LMs.
             vae_pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`, *optional*): the images for the
                 VAE, in [-1, 1] (processor output); needed when `g2tr_ratio < 1`.
             vae_pixel_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): (height, width) of every
                 image inside `vae_pixel_values`.
             g2tr_ratio (`float`, *optional*): keep ratio of this call; `config.g2tr_ratio` when None.
+            decoding_step (`bool`, *optional*, defaults to `False`): the ids are tokens the model generated itself
+                (`generate` sets it after the prompt): they take the plain word embedding (upstream applies
+                `special_token_embedding` to prompt tokens only) and placeholders among them are ordinary text.
         """
+        past_key_values = pop_cache_argument(past_key_values, kwargs)
+        shift_labels = kwargs.pop("shift_labels", None)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if pixel_values is not None and input_ids is None:
-            raise ValueError("`pixel_values` need `input_ids` to locate the `<IMG_CONTEXT>` placeholders.")
-        is_prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        token_ids = input_ids
+        if token_ids is None:
+            structure = (*self.config.special_token_ids, self.config.image_token_id)
+            token_ids = ids_from_embeddings(inputs_embeds, self.get_input_embeddings(), structure)
+        batch_size, length = token_ids.shape
+        device = token_ids.device
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] < length):
+            raise ValueError(
+                "`attention_mask` must be a 2-D mask [batch_size, length >= sequence_length], got shape "
+                f"{tuple(attention_mask.shape)} for {length} new tokens."
+            )
+        use_cache = use_cache if use_cache is not None else getattr(self.config.text_config, "use_cache", True)
+        if getattr(self.language_model.model, "gradient_checkpointing", False) and self.training and use_cache:
+            logger.warning_once("Gradient checkpointing recomputes layers, so no KV cache is kept: `use_cache=False`.")
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config.get_text_config())
+        if past_key_values is not None:
+            as_compact_cache(past_key_values)
+        layout = cached_layout(past_key_values, batch_size, device, attention_mask)
+        new_mask = (
+            attention_mask[:, -length:].to(device).bool()
+            if attention_mask is not None
+            else torch.ones(batch_size, length, dtype=torch.bool, device=device)
+        )
 
-        image_features = reduction = drop = None
+        # 1. Embeddings: special rows for prompt tokens, visual tokens (reduced) in the `<IMG_CONTEXT>` slots.
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-            if is_prefill:
-                inputs_embeds = self.apply_special_token_embeddings(inputs_embeds, input_ids)
+        image_features = reduction = drop = None
+        if not decoding_step:
+            inputs_embeds = self.apply_special_token_embeddings(inputs_embeds, token_ids)
+            placeholder = self.image_placeholder_mask(token_ids)
             if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values)
+                image_features = self.get_image_features(pixel_values).pooler_output
                 ratio = self.config.resolve_g2tr_ratio(g2tr_ratio)
                 num_images, tokens_per_image = image_features.shape[:2]
-                min_keep = self.config.g2tr_min_keep
-                if keep_count(tokens_per_image, ratio, min_keep) < tokens_per_image:
+                if keep_count(tokens_per_image, ratio, self.config.g2tr_min_keep) < tokens_per_image:
                     self._check_vae_inputs(num_images, vae_pixel_values, ratio)
                     reduction = self.reduce_image_features(image_features, vae_pixel_values, vae_pixel_sizes, ratio)
-                inputs_embeds, drop = self.insert_image_features(inputs_embeds, input_ids, image_features, reduction)
+                inputs_embeds, drop = self.insert_image_features(inputs_embeds, placeholder, image_features, reduction)
+            elif bool(placeholder.any()):
+                raise ValueError(
+                    "The prompt holds `<img>` blocks of `<IMG_CONTEXT>` placeholders, so `pixel_values` is required."
+                )
+        elif pixel_values is not None:
+            raise ValueError("`pixel_values` cannot be passed with `decoding_step=True` (generated tokens only).")
 
+        # 2. Remove the slots of dropped visual tokens and left-pad the rows again; positions follow the cache.
         reduced_attention_mask = None
         if drop is not None:
-            compact = remove_positions(drop, inputs_embeds, attention_mask, labels)
-            inputs_embeds, attention_mask = compact.inputs_embeds, compact.attention_mask
-            position_ids, labels = compact.position_ids, compact.labels
-            reduced_attention_mask = compact.attention_mask
-        elif position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
-            # Left padding: positions count the real tokens (as `generate` does), so each row of a batch sees
-            # the positions of its single run.
-            position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1] :]
+            index, filled = compaction_index(~drop)
+            inputs_embeds = inputs_embeds.gather(1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
+            new_mask = new_mask.gather(1, index) & filled
+            if labels is not None:
+                labels = labels.to(device).gather(1, index).masked_fill(~filled, -100)
+            if shift_labels is not None:
+                shift_labels = shift_labels.to(device).gather(1, index).masked_fill(~filled, -100)
+            reduced_attention_mask = new_mask.long()
+        if position_ids is not None and (drop is not None or layout.dropped):
+            raise ValueError(
+                "`position_ids` cannot be used once visual tokens are removed: the model derives the positions of "
+                "the compact sequence itself. Leave `position_ids` unset."
+            )
+        if position_ids is None:
+            position_ids = positions_after(layout.next_position.to(device), new_mask)
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            attention_mask=torch.cat([layout.attention_mask.to(device), new_mask], dim=-1).long(),
             position_ids=position_ids,
-            past_key_values=past_key_values,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            **({"shift_labels": shift_labels} if shift_labels is not None else {}),
+            **{CACHE_KWARG: past_key_values},
             **kwargs,
         )
-        return G2TRInternVLUCausalLMOutputWithPast(
+        if past_key_values is not None:
+            past_key_values.layout = layout.extended(new_mask, position_ids, dropped=length - new_mask.shape[1])
+        output = G2TRInternVLUCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
             reduced_attention_mask=reduced_attention_mask,
             reduction=reduction,
+            **{CACHE_KWARG: output_cache(outputs) if use_cache else None},
         )
+        return output if return_dict else output.to_tuple()
 
     # -- generation ----------------------------------------------------------------------------------------------
 
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        is_first_iteration: bool | None = False,
-        g2tr_attention_mask: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """Parent behaviour, plus: the VAE inputs go only to the prefill, and after a reduction the decoding steps
-        use the compacted attention mask and positions (the cache is shorter than the caller's `input_ids`)."""
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids,
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            is_first_iteration=is_first_iteration,
-            **kwargs,
-        )
-        cache_filled = past_key_values is not None and past_key_values.get_seq_length() > 0
-        if is_first_iteration or not cache_filled:
+    def select_continuation_images(
+        self, model_inputs: dict, full_input_ids: torch.Tensor, fed_input_ids: torch.Tensor
+    ) -> dict:
+        """A call that continues from a cache may pass every image of the conversation (as the processor returns
+        them for the whole chat): keep the inputs of the images whose `<img>` blocks are in `fed_input_ids`."""
+        pixel_values = model_inputs.get("pixel_values")
+        if pixel_values is None:
             return model_inputs
-        for key in ("pixel_values", "vae_pixel_values", "vae_pixel_sizes"):
-            model_inputs.pop(key, None)
-        if g2tr_attention_mask is not None:
-            new_tokens = model_inputs["input_ids"].shape[1]
-            model_inputs["attention_mask"] = g2tr_attention_mask
-            model_inputs["position_ids"] = positions_from_mask(g2tr_attention_mask)[:, -new_tokens:]
+        start = self.config.image_start_token_id
+        total, new = (full_input_ids == start).sum(-1), (fed_input_ids == start).sum(-1)
+        if pixel_values.shape[0] != int(total.sum()) or int(new.sum()) == int(total.sum()):
+            # Only the new images were passed (or a mismatch, which the forward reports).
+            return model_inputs
+        order = continuation_image_index(total, new)
+        for key in self._image_input_names:
+            value = model_inputs.get(key)
+            if value is not None:
+                model_inputs[key] = value.index_select(0, order.to(value.device))
         return model_inputs
-
-    def _update_model_kwargs_for_generation(
-        self,
-        outputs: ModelOutput,
-        model_kwargs: dict[str, Any],
-        is_encoder_decoder: bool = False,
-        num_new_tokens: int = 1,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """Parent behaviour, plus the compacted attention mask of a reduced prefill, grown by the new tokens."""
-        model_kwargs = super()._update_model_kwargs_for_generation(
-            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens, **kwargs
-        )
-        reduced = getattr(outputs, "reduced_attention_mask", None)
-        if reduced is None or getattr(outputs, "past_key_values", None) is None:
-            reduced = model_kwargs.get("g2tr_attention_mask")
-        if reduced is not None:
-            model_kwargs["g2tr_attention_mask"] = torch.cat(
-                [reduced, reduced.new_ones(reduced.shape[0], num_new_tokens)], dim=-1
-            )
-        return model_kwargs
 
 
 __all__ = [
@@ -775,7 +782,6 @@ __all__ = [
     "G2TRInternVLUCausalLMOutputWithPast",
     "InternViTModel",
     "pixel_shuffle",
-    "remove_positions",
 ]
 
 

@@ -46,6 +46,8 @@ from transformers import DynamicCache, Pipeline
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
+from .generation_g2tr import stored_length
+
 
 logger = logging.get_logger(__name__)
 
@@ -374,7 +376,7 @@ class G2TRBagelPipeline(Pipeline):
                 g2tr_ratio=g2tr_ratio,
             )
         # Upstream deep-copies the conditional context here, before the instruction; a prefix of it is the same.
-        no_text_length = conditional.get_seq_length()
+        no_text_length = stored_length(conditional)
         self.model.prefill_text(model_inputs["input_ids"], conditional)
         self.model.prefill_text(model_inputs["input_ids"], no_image)
         return _Contexts(

@@ -1,0 +1,45 @@
+"""The few names that differ between the transformers releases this package supports (5.17 to the newest).
+
+This module travels to the Hub with the model files, so exported repositories keep working whatever transformers
+their users have installed: every version-dependent name is looked up here, once, by inspecting the installed
+library rather than by comparing version strings (a feature check survives backports and release candidates).
+
+- transformers 5.24 renamed the cache argument of model `forward`s, of `prepare_inputs_for_generation` and the
+  cache field of model outputs from `past_key_values` to `cache` (the old keyword is still accepted by the library,
+  with a deprecation message, and a dataclass output that still DECLARES `past_key_values` fails to build).
+  `CACHE_KWARG` is the name the installed release uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+__all__ = ["CACHE_KWARG", "LEGACY_CACHE_KWARG", "output_cache", "pop_cache_argument"]
+
+# Both names a caller may use for the KV cache; the first is the installed release's own.
+LEGACY_CACHE_KWARG = "past_key_values"
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else LEGACY_CACHE_KWARG
+
+
+def pop_cache_argument(past_key_values: Any, kwargs: dict[str, Any]) -> Any:
+    """The cache a caller passed under either name (`past_key_values=` or transformers 5.24's `cache=`).
+
+    `kwargs` loses its `cache` entry. Passing two different objects under the two names is an error.
+    """
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the KV cache once, as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
+
+
+def output_cache(outputs: Any) -> Any:
+    """The KV cache held by a model output or generate output, whatever the field is called."""
+    if isinstance(outputs, dict):
+        for name in (CACHE_KWARG, LEGACY_CACHE_KWARG):
+            if outputs.get(name) is not None:
+                return outputs[name]
+        return None
+    return getattr(outputs, CACHE_KWARG, None)

@@ -119,6 +119,15 @@ class CompactCacheMixin:
         dropped = self.layout.dropped if self.layout is not None else 0
         return super().get_seq_length(layer_idx) + dropped
 
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Where new queries sit among the stored entries (transformers >= 5.24 builds masks from it; its default
+        reads `get_seq_length`, which here answers in the caller's positions)."""
+        parent = getattr(super(), "get_query_offset", None)
+        if parent is None:
+            return self.stored_length(layer_idx)
+        dropped = self.layout.dropped if self.layout is not None else 0
+        return parent(layer_idx) - dropped
+
     def crop(self, tokens_to_remove: int) -> None:
         """Remove entries from the end. A negative value counts entries to remove (transformers >= 5.17); a positive
         one is the legacy absolute length, read in the caller's positions."""
@@ -258,9 +267,12 @@ class G2TRGenerationMixin:
         attention_mask: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         is_first_iteration: bool | None = False,
+        cache: Cache | None = None,
         **kwargs,
     ) -> dict:
-        cache = pop_cache_argument(past_key_values, kwargs)
+        # Both names are in the signature: generate validates its keyword arguments against it (5.24 passes
+        # `cache=`, earlier releases `past_key_values=`).
+        cache = pop_cache_argument(past_key_values, {"cache": cache})
         kwargs.pop("position_ids", None)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,

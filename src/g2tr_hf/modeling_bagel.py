@@ -1367,6 +1367,9 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         if grid.shape[0] != int(total.sum()) or int(new.sum()) == int(total.sum()):
             # Only the new images were passed (or a mismatch, which the forward reports).
             return model_inputs
+        if int(new.sum()) == 0:
+            # Every image is already cached: the new part is text.
+            return {key: value for key, value in model_inputs.items() if key not in self._image_input_names}
         image_order = continuation_image_index(total, new).to(grid.device)
         patch_order = _gather_segments(grid.prod(-1), image_order)
         for key in self._image_input_names:

@@ -768,6 +768,9 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
         if pixel_values.shape[0] != int(total.sum()) or int(new.sum()) == int(total.sum()):
             # Only the new images were passed (or a mismatch, which the forward reports).
             return model_inputs
+        if int(new.sum()) == 0:
+            # Every image is already cached: the new part is text.
+            return {key: value for key, value in model_inputs.items() if key not in self._image_input_names}
         order = continuation_image_index(total, new)
         for key in self._image_input_names:
             value = model_inputs.get(key)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
-__all__ = ["CACHE_KWARG", "LEGACY_CACHE_KWARG", "output_cache", "pop_cache_argument"]
+__all__ = ["CACHE_KWARG", "LEGACY_CACHE_KWARG", "drop_parallel_plans", "output_cache", "pop_cache_argument"]
 
 # Both names a caller may use for the KV cache; the first is the installed release's own.
 LEGACY_CACHE_KWARG = "past_key_values"
@@ -43,3 +44,22 @@ def output_cache(outputs: Any) -> Any:
                 return outputs[name]
         return None
     return getattr(outputs, CACHE_KWARG, None)
+
+
+def drop_parallel_plans(model: nn.Module) -> None:
+    """Remove the tensor- and pipeline-parallel plans that `model` inherited from the stock decoders it contains.
+
+    Qwen2/Qwen3 configs and heads carry plans for their own module trees; our models wrap those decoders with image
+    blocks, compaction and a compact cache that the plans know nothing about, and tensor parallelism has not been
+    tested on them. So the models advertise no plan (`tp_plan="auto"` then refuses to load them) rather than one that
+    might split them wrongly. Call after `post_init` (which collects the plans).
+    """
+    for module in model.modules():
+        for name in ("_tp_plan", "_pp_plan"):
+            if getattr(module, name, None):
+                setattr(module, name, {})
+        config = getattr(module, "config", None)
+        for sub in (config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})):
+            for name in ("base_model_tp_plan", "base_model_pp_plan"):
+                if sub is not None and getattr(sub, name, None):
+                    setattr(sub, name, None)

@@ -283,10 +283,11 @@ class G2TRGenerationMixin:
             **{CACHE_KWARG: cache},
             **kwargs,
         )
+        # The parent derives position ids and, for compilable (static) caches, 4-D masks, both in the caller's
+        # positions; the forward maps the caller's 2-D mask onto the compact cache itself.
         model_inputs.pop("position_ids", None)
+        model_inputs.pop("attention_mask", None)
         if attention_mask is not None:
-            # The parent turns the mask into a 4-D one for compilable caches, in the caller's positions; the forward
-            # maps the caller's mask onto the compact cache itself.
             model_inputs["attention_mask"] = attention_mask
         has_cache = cache is not None and cache.get_seq_length() > 0
         if not is_first_iteration and model_inputs.get("use_cache", True) and has_cache:

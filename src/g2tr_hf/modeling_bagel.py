@@ -42,7 +42,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 from transformers.utils.import_utils import is_diffusers_available
 
-from .compat import CACHE_KWARG, pop_cache_argument
+from .compat import CACHE_KWARG, drop_parallel_plans, pop_cache_argument
 from .configuration_bagel import G2TRBagelConfig
 from .generation_g2tr import (
     CacheLayout,
@@ -880,9 +880,14 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
                 )
 
         if self.generation_config is not None:
-            # Text generation never emits an image placeholder: only the processor places them, with their pixels.
-            self.generation_config.suppress_tokens = [config.image_token_id]
+            # Text generation never emits an image block: only the processor places them, with their pixels.
+            self.generation_config.suppress_tokens = [
+                config.image_token_id,
+                config.vision_start_token_id,
+                config.vision_end_token_id,
+            ]
         self.post_init()
+        drop_parallel_plans(self)
 
     # --- embeddings (GenerationMixin / resize_token_embeddings) ---------------------------------------------------
 
@@ -908,6 +913,9 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         """Pixels per latent cell along a side (8 for the FLUX AE)."""
         return 2 ** (len(self.config.vae_config["block_out_channels"]) - 1)
 
+    # Kept out of `torch.compile` graphs: traced through AOT autograd, diffusers' VAE attention block hands a strided
+    # tensor to GroupNorm, which the traced kernel refuses; the encode runs once per prompt, so eager costs little.
+    @torch.compiler.disable
     def encode_vae_latents(
         self, vae_pixel_values: torch.Tensor, vae_image_hw: torch.Tensor, sample: bool = False
     ) -> list[torch.Tensor]:
@@ -933,7 +941,8 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         latents: list[torch.Tensor | None] = [None] * len(sizes)
         for size in dict.fromkeys(sizes):
             members = [i for i, other in enumerate(sizes) if other == size]
-            pixels = vae_pixel_values[members, :, : size[0], : size[1]]
+            # Contiguous: the crop of a padded batch is a strided view, which compiled convolutions refuse.
+            pixels = vae_pixel_values[members, :, : size[0], : size[1]].contiguous()
             posterior = self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
             encoded = posterior.sample() if sample else posterior.mean
             encoded = (encoded - shift) * scale
@@ -1131,13 +1140,13 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
             raise ValueError(f"`image_grid_hw` must have shape [num_images, 2], got {tuple(image_grid_hw.shape)}.")
         image_tokens = (input_ids == self.config.image_token_id) & (block_ids > 0)
         num_images = image_grid_hw.shape[0]
-        tokens_per_block = torch.bincount(block_ids[image_tokens], minlength=num_images + 1)[1:]
-        starts = int((input_ids == self.config.vision_start_token_id).sum())
+        # Blocks are numbered over the batch in order of appearance; only those that hold placeholders are images.
+        image_blocks = torch.unique(block_ids[image_tokens])
+        tokens_per_block = torch.bincount(block_ids[image_tokens])[image_blocks]
+        starts = int(image_blocks.numel())
         expected = image_grid_hw.prod(-1)
         if (
             starts != num_images
-            or bool((block_ids[image_tokens] == 0).any())
-            or tokens_per_block.shape[0] != num_images
             or not torch.equal(tokens_per_block.cpu(), expected.cpu())
             or int(expected.sum()) != pixel_values.shape[0]
         ):

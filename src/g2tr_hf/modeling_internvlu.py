@@ -40,7 +40,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 from transformers.utils.import_utils import is_diffusers_available
 
-from .compat import CACHE_KWARG, output_cache, pop_cache_argument
+from .compat import CACHE_KWARG, drop_parallel_plans, output_cache, pop_cache_argument
 from .configuration_internvlu import SPECIAL_TOKENS, G2TRInternViTConfig, G2TRInternVLUConfig
 from .generation_g2tr import (
     G2TRGenerationMixin,
@@ -406,6 +406,7 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
             # Text generation never emits an image placeholder: only the processor places them, with their pixels.
             self.generation_config.suppress_tokens = [config.image_token_id]
         self.post_init()
+        drop_parallel_plans(self)
 
     # -- embeddings / heads -------------------------------------------------------------------------------------
 
@@ -659,6 +660,13 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
         past_key_values = pop_cache_argument(past_key_values, kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        implementation = self.config.text_config._attn_implementation or "sdpa"
+        if output_attentions and implementation != "eager":
+            raise ValueError(
+                "`output_attentions=True` needs the eager attention kernel: load the model with "
+                f'`attn_implementation="eager"` (its language model uses {implementation!r}).'
+            )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         token_ids = input_ids
@@ -732,17 +740,24 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
             inputs_embeds=inputs_embeds,
             attention_mask=torch.cat([layout.attention_mask.to(device), new_mask], dim=-1).long(),
             position_ids=position_ids,
-            labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
-            **({"shift_labels": shift_labels} if shift_labels is not None else {}),
             **{CACHE_KWARG: past_key_values},
             **kwargs,
         )
         if past_key_values is not None:
             past_key_values.layout = layout.extended(new_mask, position_ids, dropped=length - new_mask.shape[1])
+        loss = None
+        if labels is not None or shift_labels is not None:
+            loss = self.loss_function(
+                logits=outputs.logits,
+                labels=labels,
+                shift_labels=shift_labels,
+                vocab_size=self.config.text_config.vocab_size,
+                **kwargs,
+            )
         output = G2TRInternVLUCausalLMOutputWithPast(
-            loss=outputs.loss,
+            loss=loss,
             logits=outputs.logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,

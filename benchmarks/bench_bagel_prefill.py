@@ -105,7 +105,7 @@ def measured_table(repeats: int) -> None:
     )
 
     decoder_seconds: list[float] = []
-    decoder = model.language_model.model
+    decoder = model.language_model
     decoder.register_forward_pre_hook(lambda *_: decoder_seconds.append(-time.perf_counter()))
     decoder.register_forward_hook(lambda *_: decoder_seconds.__setitem__(-1, decoder_seconds[-1] + time.perf_counter()))
 

@@ -222,14 +222,14 @@ def print_measured(layout: PromptLayout, repeats: int) -> None:
 
     with torch.inference_mode():
         features = model.get_image_features(inputs["pixel_values"]).pooler_output
-        ((anchors, anchor_grid),) = model.get_latent_anchors(inputs["vae_pixel_values"], inputs["vae_pixel_sizes"])
+        ((anchors, anchor_grid),) = model.model.get_latent_anchors(inputs["vae_pixel_values"], inputs["vae_pixel_sizes"])
         side = config.image_grid_size
         embeds = {ratio: torch.randn(1, layout.total(kept[ratio]), hidden) for ratio in RATIOS}
         stages = {
             "prefill 1.0": lambda: model(**inputs, g2tr_ratio=1.0, use_cache=True, logits_to_keep=1),
             "prefill 0.5": lambda: model(**inputs, g2tr_ratio=0.5, use_cache=True, logits_to_keep=1),
             "vision": lambda: model.get_image_features(inputs["pixel_values"]).pooler_output,
-            "anchors": lambda: model.get_latent_anchors(inputs["vae_pixel_values"], inputs["vae_pixel_sizes"]),
+            "anchors": lambda: model.model.get_latent_anchors(inputs["vae_pixel_values"], inputs["vae_pixel_sizes"]),
             "select+merge": lambda: reduce_tokens(
                 features[0], (side, side), anchors, anchor_grid, ratio=0.5, min_keep=MIN_KEEP
             ),

@@ -24,7 +24,9 @@ from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 import g2tr_hf  # noqa: F401  (registers the Auto classes)
 from g2tr_hf import G2TRBagelConfig, build_tiny
 from g2tr_hf.cli import main as cli_main
+from g2tr_hf.compat import checkpoint_key
 from g2tr_hf.convert_bagel import convert_bagel
+from g2tr_hf.modeling_bagel import CHECKPOINT_RENAMES
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -35,6 +37,11 @@ from g2tr_hf.convert_bagel import convert_bagel
 _RESNET_PARTS = {"conv_shortcut": "nin_shortcut"}
 _ATTENTION_PARTS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
+
+
+def official_state_dict(model) -> dict:
+    """The model's tensors under the official checkpoint names (what `ema.safetensors` holds)."""
+    return {checkpoint_key(key, CHECKPOINT_RENAMES): value for key, value in model.state_dict().items()}
 
 def _ldm_key(key: str, num_up_blocks: int) -> str:
     """One diffusers VAE key (without the `vae.` prefix) in BFL/LDM naming."""
@@ -129,7 +136,7 @@ def write_snapshot(model, processor, folder: Path, *, extra_vit_layers: int = 1)
     (folder / "vit_config.json").write_text(json.dumps(vit_json))
     # Early Hub revisions ship this (invalid JSON) config.json; convert must not read it.
     (folder / "config.json").write_text('{"name": ["BAGEL-7B-MoT"],}')
-    state = model.state_dict()
+    state = official_state_dict(model)
     ema = {key: value.clone().contiguous() for key, value in state.items() if not key.startswith("vae.")}
     vae = {key: value for key, value in state.items() if key.startswith("vae.")}
     save_file(ema, folder / "ema.safetensors")
@@ -194,7 +201,7 @@ def test_snapshot_uses_official_file_and_key_names(tiny, snapshot):
     assert ae["encoder.mid.attn_1.q.weight"].shape == (16, 16, 1, 1)
     assert any(".nin_shortcut." in key for key in ae) and not any(key.startswith("vae.") for key in ae)
     ema = load_file(snapshot / "ema.safetensors")
-    assert set(ema) == {key for key in model.state_dict() if not key.startswith("vae.")}
+    assert set(ema) == {key for key in official_state_dict(model) if not key.startswith("vae.")}
     assert "vit_pos_embed.pos_embed" in ema and "language_model.model.layers.1.mlp_moe_gen.up_proj.weight" in ema
     vit = json.loads((snapshot / "vit_config.json").read_text())
     assert vit["num_hidden_layers"] == model.config.vit_config.num_hidden_layers + 1

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import g2tr_hf  # noqa: F401  (registers the Auto classes for the local loads)
+from checkpoint_names import official_state_dict
 from g2tr_hf import convert_internvlu as convert_module
 from g2tr_hf.configuration_internvlu import SPECIAL_TOKENS, TINY_TOKEN_IDS
 from g2tr_hf.convert_internvlu import convert_internvlu
@@ -134,7 +135,9 @@ def write_official_snapshot(root: Path, model, processor, *, shards: int = 1) ->
     vlm = root / "vlm"
     vlm.mkdir(parents=True)
     (vlm / "config.json").write_text(json.dumps(official_vlm_config(model), indent=2))
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith("vae.")}
+    state = {
+        k: v.detach().clone().contiguous() for k, v in official_state_dict(model).items() if not k.startswith("vae.")
+    }
     _save_vlm_weights(state, vlm, shards)
     model.vae.save_pretrained(root / "vae")  # diffusers names: config.json + diffusion_pytorch_model.safetensors
     processor.tokenizer.save_pretrained(root / "processor")
@@ -201,7 +204,7 @@ def test_snapshot_uses_the_official_names(snapshot, tiny):
         vlm_keys = set(handle.keys())
     with safe_open(snapshot / "vae" / "diffusion_pytorch_model.safetensors", framework="pt") as handle:
         vae_keys = set(handle.keys())
-    model_keys = set(tiny[0].state_dict())
+    model_keys = set(official_state_dict(tiny[0]))
     assert "language_model.lm_head.weight" in vlm_keys and "special_token_embedding.weight" in vlm_keys
     assert vlm_keys | {f"vae.{k}" for k in vae_keys} == model_keys
     assert json.loads((snapshot / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderKLQwenImage"
@@ -235,7 +238,7 @@ def test_convert_then_load_gives_the_source_logits(snapshot, tiny, inputs, tmp_p
 
     # The index points vlm keys at the linked vlm file and the prefixed VAE keys at vae.safetensors.
     weight_map = json.loads((destination / "model.safetensors.index.json").read_text())["weight_map"]
-    assert set(weight_map) == set(model.state_dict())
+    assert set(weight_map) == set(official_state_dict(model))
     assert {weight_map[k] for k in weight_map if k.startswith("vae.")} == {"vae.safetensors"}
     assert {weight_map[k] for k in weight_map if not k.startswith("vae.")} == {"vlm-model.safetensors"}
     linked = destination / "vlm-model.safetensors"

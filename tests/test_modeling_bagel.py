@@ -16,10 +16,13 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from g2tr_hf.compat import output_cache
+from safetensors import safe_open
+
+from g2tr_hf.compat import checkpoint_key, output_cache
 from g2tr_hf.configuration_bagel import G2TRBagelConfig
 from g2tr_hf.generation_g2tr import stored_length
 from g2tr_hf.modeling_bagel import (
+    CHECKPOINT_RENAMES,
     G2TRBagelForConditionalGeneration,
     block_causal_mask,
     image_block_structure,
@@ -194,8 +197,13 @@ def official_key_names(num_layers: int, num_vit_layers: int) -> set[str]:
     return keys
 
 
-def test_state_dict_keys_equal_official_checkpoint_keys(model):
-    state = model.state_dict()
+def test_state_dict_keys_equal_official_checkpoint_keys(model, tmp_path):
+    # The module tree follows transformers' base-model / head split; the checkpoint keeps upstream's names.
+    assert type(model.base_model).__name__ == "G2TRBagelModel" and model.base_model is model.model
+    state = {checkpoint_key(key, CHECKPOINT_RENAMES): value for key, value in model.state_dict().items()}
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as saved:
+        assert set(saved.keys()) == set(state)
     official = official_key_names(num_layers=2, num_vit_layers=2)
     non_vae = {key for key in state if not key.startswith("vae.")}
     assert non_vae == official
@@ -237,12 +245,12 @@ def test_sincos_table_layout():
 
 
 def test_fixed_tables_and_time_embedding_are_initialised(model):
-    torch.testing.assert_close(model.vit_pos_embed.pos_embed, sincos_2d_table(32, VIT_SIDE))
-    torch.testing.assert_close(model.latent_pos_embed.pos_embed, sincos_2d_table(32, 8))
-    assert not model.vit_pos_embed.pos_embed.requires_grad
-    inv_freq = model.language_model.model.rotary_emb.inv_freq
+    torch.testing.assert_close(model.model.vit_pos_embed.pos_embed, sincos_2d_table(32, VIT_SIDE))
+    torch.testing.assert_close(model.model.latent_pos_embed.pos_embed, sincos_2d_table(32, 8))
+    assert not model.model.vit_pos_embed.pos_embed.requires_grad
+    inv_freq = model.language_model.rotary_emb.inv_freq
     torch.testing.assert_close(inv_freq, 1.0 / 1e6 ** (torch.arange(0, 8, 2).float() / 8))
-    code = model.time_embedder.timestep_embedding(torch.tensor([0.0, 0.5]))
+    code = model.model.time_embedder.timestep_embedding(torch.tensor([0.0, 0.5]))
     assert code.shape == (2, 256) and code.dtype == torch.float32
     assert torch.all(code[0, :128] == 1) and torch.all(code[0, 128:] == 0)  # cos first
     torch.testing.assert_close(code[1, 1], torch.tensor(math.cos(0.5 * math.exp(-math.log(1e4) / 128))))
@@ -268,7 +276,7 @@ def test_rope_positions_give_one_position_per_image_block():
 def segmentwise_reference_logits(model, segments, image_embeds) -> torch.Tensor:
     """Upstream-style prefill: one call per segment into a cache (text causal, image block bidirectional over the
     block and the whole cache), position +1 per text token and one position per block. Returns the last logits."""
-    decoder = model.language_model.model
+    decoder = model.language_model
     cache = DynamicCache(config=model.config.get_text_config())
     rope, image_index = 0, 0
     for segment in segments:
@@ -290,7 +298,7 @@ def segmentwise_reference_logits(model, segments, image_embeds) -> torch.Tensor:
         if causal:
             mask[:, past:] = torch.ones(new, new, dtype=torch.bool).tril()
         out = decoder(embeds, positions, attention_mask=mask[None, None], past_key_values=cache)
-    return model.language_model.lm_head(out.last_hidden_state[:, -1])
+    return model.lm_head(out.last_hidden_state[:, -1])
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
@@ -301,13 +309,13 @@ def test_single_pass_prefill_equals_segmentwise_prefill(model, images, ratio):
         out = model(**inputs, g2tr_ratio=ratio, use_cache=True)
         features = image_features(model, inputs)
         if ratio == 1.0:
-            embeds = features + model.vit_pos_embed(inputs["image_position_ids"])
+            embeds = features + model.model.vit_pos_embed(inputs["image_position_ids"])
             image_embeds = embeds.split([24, 9])
         else:
-            tokens, kept, results = model.reduce_image_features(
+            tokens, kept, results = model.model.reduce_image_features(
                 features, inputs["image_grid_hw"], inputs["vae_pixel_values"], inputs["vae_image_hw"], ratio
             )
-            embeds = tokens + model.vit_pos_embed(inputs["image_position_ids"][kept])
+            embeds = tokens + model.model.vit_pos_embed(inputs["image_position_ids"][kept])
             image_embeds = embeds.split([r.num_kept for r in results])
         reference = segmentwise_reference_logits(model, segments, image_embeds)
     torch.testing.assert_close(out.logits[:, -1], reference, atol=1e-5, rtol=1e-5)
@@ -377,7 +385,7 @@ def test_kept_tokens_get_position_codes_of_their_original_ids(model, images):
         out = model(**inputs, use_cache=True, g2tr_ratio=0.5, output_hidden_states=True)
         features = image_features(model, inputs)
     plan = out.image_reductions[0]
-    expected = plan.merge(features) + model.vit_pos_embed(inputs["image_position_ids"][plan.keep])
+    expected = plan.merge(features) + model.model.vit_pos_embed(inputs["image_position_ids"][plan.keep])
     decoder_inputs = out.hidden_states[0][0]
     start = len(text(10)) + 1
     torch.testing.assert_close(decoder_inputs[start : start + plan.num_kept], expected)
@@ -429,7 +437,7 @@ def test_invalid_ratio_is_a_clear_error(model, images, bad):
 def test_ratio_below_one_without_vae_or_vae_inputs_raises(images):
     inputs = build_inputs([[text(10), images[1]]])
     no_gen = tiny_model(visual_gen=False)
-    assert not hasattr(no_gen, "vae") and not hasattr(no_gen, "vae2llm")
+    assert no_gen.vae is None and not hasattr(no_gen.model, "vae2llm")
     with pytest.raises(ValueError, match="needs the VAE"):
         no_gen(**inputs, g2tr_ratio=0.5)
     no_gen(**inputs)  # ratio 1.0 works without a VAE
@@ -558,8 +566,8 @@ def test_save_and_load_round_trip_with_ratio_kwarg(tmp_path, images):
 
     loaded = G2TRBagelForConditionalGeneration.from_pretrained(tmp_path, g2tr_ratio=0.5).eval()
     assert loaded.config.g2tr_ratio == 0.5
-    inv_freq = loaded.language_model.model.rotary_emb.inv_freq
-    torch.testing.assert_close(inv_freq, model.language_model.model.rotary_emb.inv_freq)
+    inv_freq = loaded.language_model.rotary_emb.inv_freq
+    torch.testing.assert_close(inv_freq, model.language_model.rotary_emb.inv_freq)
     inputs = build_inputs([[text(10, 11), images[0], text(12)]])
     with torch.no_grad():
         expected = model(**inputs, g2tr_ratio=0.5, use_cache=True)
@@ -590,7 +598,7 @@ def test_vae_latents_are_scaled_posterior_means_cropped_per_image(model, images)
     tokens = patchify_latents(latents[0], 2)
     assert tokens.shape == (4 * 6, 64)
     torch.testing.assert_close(tokens[7], latents[0][:, 2:4, 2:4].permute(1, 2, 0).reshape(-1))
-    embeds = model.embed_latent_tokens(tokens, torch.zeros(1), torch.arange(24))
+    embeds = model.model.embed_latent_tokens(tokens, torch.zeros(1), torch.arange(24))
     assert embeds.shape == (24, 32)
 
 
@@ -605,17 +613,17 @@ def test_gen_expert_routing_uses_the_moe_gen_weights(model):
             state[key.replace("_moe_gen", "")] = state[key]
     swapped.load_state_dict(state)
     with torch.no_grad():
-        all_gen = model.language_model.model(embeds, positions, gen_token_mask=torch.ones(1, 6, dtype=torch.bool))
-        as_und = swapped.language_model.model(embeds, positions)
-        mixed = model.language_model.model(embeds, positions, gen_token_mask=gen_mask)
-        und = model.language_model.model(embeds, positions)
+        all_gen = model.language_model(embeds, positions, gen_token_mask=torch.ones(1, 6, dtype=torch.bool))
+        as_und = swapped.language_model(embeds, positions)
+        mixed = model.language_model(embeds, positions, gen_token_mask=gen_mask)
+        und = model.language_model(embeds, positions)
     torch.testing.assert_close(all_gen.last_hidden_state, as_und.last_hidden_state)
     assert not torch.allclose(mixed.last_hidden_state[0, 1:5], und.last_hidden_state[0, 1:5])
     # with a causal mask, und token 0 sees only itself, so the gen tokens after it cannot change its output
     causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
     with torch.no_grad():
-        mixed_causal = model.language_model.model(embeds, positions, attention_mask=causal, gen_token_mask=gen_mask)
-        und_causal = model.language_model.model(embeds, positions, attention_mask=causal)
+        mixed_causal = model.language_model(embeds, positions, attention_mask=causal, gen_token_mask=gen_mask)
+        und_causal = model.language_model(embeds, positions, attention_mask=causal)
     torch.testing.assert_close(mixed_causal.last_hidden_state[0, 0], und_causal.last_hidden_state[0, 0])
 
 

@@ -19,6 +19,7 @@ from transformers import (
 )
 from transformers.models.internvl.modeling_internvl import InternVLModel
 
+from checkpoint_names import official_state_dict
 from g2tr_hf.compat import output_cache
 from g2tr_hf.generation_g2tr import compaction_index, stored_length
 from g2tr_hf.configuration_internvlu import (
@@ -111,7 +112,7 @@ def test_official_checkpoint_key_names():
     """The module tree has exactly the 658 `vlm/` tensors (and the 194 `vae/` tensors) of the official checkpoint."""
     with torch.device("meta"):
         full = G2TRInternVLUForConditionalGeneration(G2TRInternVLUConfig(vae_config=QWEN_IMAGE_VAE_CONFIG))
-    keys = list(full.state_dict())
+    keys = list(official_state_dict(full))
     vlm = [k for k in keys if not k.startswith("vae.")]
     assert len(vlm) == 658
     assert len(keys) - len(vlm) == 194
@@ -136,7 +137,7 @@ def test_official_checkpoint_key_names():
         "language_model.model.norm.weight",
         "language_model.lm_head.weight",
     }  # fmt: skip
-    shapes = full.state_dict()
+    shapes = official_state_dict(full)
     assert tuple(shapes["vision_model.encoder.layers.0.attn.qkv.weight"].shape) == (3072, 1024)
     assert tuple(shapes["mlp1.1.weight"].shape) == (2048, 4096)
     assert tuple(shapes["special_token_embedding.weight"].shape) == (10, 2048)
@@ -218,7 +219,7 @@ def _to_native_state_dict(state_dict: dict, config: G2TRInternVLUConfig) -> dict
 
 def test_parity_with_native_internvl(model, inputs):
     native = InternVLForConditionalGeneration(_native_config(model.config)).eval()
-    converted = _to_native_state_dict(model.state_dict(), model.config)
+    converted = _to_native_state_dict(official_state_dict(model), model.config)
     assert set(converted) == set(native.state_dict())
     native.load_state_dict(converted, strict=True)
     with torch.no_grad():
@@ -262,10 +263,11 @@ def _unreduced_logits(model, inputs) -> torch.Tensor:
     input_ids = inputs["input_ids"]
     with torch.no_grad():
         embeds = model.get_input_embeddings()(input_ids)
-        embeds = model.apply_special_token_embeddings(embeds, input_ids)
+        embeds = model.model.apply_special_token_embeddings(embeds, input_ids)
         features = model.get_image_features(inputs["pixel_values"]).pooler_output
         embeds = embeds.masked_scatter((input_ids == model.config.image_token_id)[..., None], features)
-        return model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
+        hidden = model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).last_hidden_state
+        return model.lm_head(hidden)
 
 
 def test_ratio_one_is_bit_identical_and_skips_the_vae(model, inputs, monkeypatch):
@@ -310,8 +312,8 @@ def test_selection_on_internvlu_geometry_is_plain_topk():
 
 def test_selection_of_the_model_is_topk_on_its_own_anchors(model, inputs):
     features = _run(model, inputs).image_hidden_states
-    plan = model.reduce_image_features(features, inputs["vae_pixel_values"], inputs["vae_pixel_sizes"], 0.5)[0]
-    (anchors, anchor_grid), = model.get_latent_anchors(inputs["vae_pixel_values"], inputs["vae_pixel_sizes"])
+    plan = model.model.reduce_image_features(features, inputs["vae_pixel_values"], inputs["vae_pixel_sizes"], 0.5)[0]
+    (anchors, anchor_grid), = model.model.get_latent_anchors(inputs["vae_pixel_values"], inputs["vae_pixel_sizes"])
     assert anchor_grid == (4, 4) and anchors.shape == (16, model.config.text_config.hidden_size)
     topk = reduce_tokens(features[0], (4, 4), anchors, anchor_grid, ratio=0.5, method="topk")
     assert torch.equal(plan.keep, topk.keep)
@@ -321,14 +323,14 @@ def test_latent_anchors_use_the_normalised_posterior_mode(model, inputs):
     pixels = inputs["vae_pixel_values"]
     with torch.no_grad():
         raw = model.vae.encode(pixels.unsqueeze(2)).latent_dist.mode()[:, :, 0]
-        latents = model.encode_vae_latents(pixels)
+        latents = model.model.encode_vae_latents(pixels)
     mean = torch.tensor(model.vae.config.latents_mean)[None, :, None, None]
     std = torch.tensor(model.vae.config.latents_std)[None, :, None, None]
     torch.testing.assert_close(latents, (raw - mean) / std)
     # A smaller image inside the padding gets the anchors of its own latent crop.
     padded = torch.zeros(1, 3, 56, 56)
     padded[:, :, :40, :32] = pixels[:, :, :40, :32]
-    (anchors, grid), = model.get_latent_anchors(padded, torch.tensor([[40, 32]]))
+    (anchors, grid), = model.model.get_latent_anchors(padded, torch.tensor([[40, 32]]))
     assert grid == (3, 2) and anchors.shape[0] == 6
 
 
@@ -370,13 +372,15 @@ def test_per_call_ratio_leaves_the_config_alone(model, inputs):
 
 
 def _greedy_without_cache(model, inputs, steps: int, **kwargs) -> torch.Tensor:
-    """Reference decoding: every step re-runs the whole prompt (reduction included) without a cache."""
+    """Reference decoding: every step re-runs the whole prompt (reduction included) without a cache. As `generate`
+    with `min_new_tokens=steps` and the shipped generation config: no eos, no suppressed token."""
     input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    banned = [*model.generation_config.eos_token_id, *model.generation_config.suppress_tokens]
     with torch.no_grad():
         for _ in range(steps):
             logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra, **kwargs).logits
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            token = logits[:, -1].index_fill(-1, torch.tensor(banned), float("-inf")).argmax(-1, keepdim=True)
             input_ids = torch.cat([input_ids, token], dim=1)
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
     return input_ids
@@ -491,12 +495,12 @@ def test_special_token_embedding_applies_to_the_prompt(model, inputs):
     reference = _run(model, inputs).logits
     slot = SPECIAL_TOKENS.index("<img>")
     with torch.no_grad():
-        saved = model.special_token_embedding.weight[slot].clone()
-        model.special_token_embedding.weight[slot] += 1.0
+        saved = model.model.special_token_embedding.weight[slot].clone()
+        model.model.special_token_embedding.weight[slot] += 1.0
         try:
             changed = _run(model, inputs).logits
         finally:
-            model.special_token_embedding.weight[slot] = saved
+            model.model.special_token_embedding.weight[slot] = saved
     first_image = int((inputs["input_ids"][0] == model.config.image_start_token_id).nonzero()[0])
     assert torch.equal(changed[:, :first_image], reference[:, :first_image])
     assert not torch.allclose(changed[:, first_image:], reference[:, first_image:])

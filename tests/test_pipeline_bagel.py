@@ -122,8 +122,8 @@ def test_same_seed_gives_the_same_image_and_another_seed_does_not(pipe, image):
 def test_exactly_one_vae_encode_per_input_image(pipe, image, monkeypatch):
     encode = Recorder(pipe.model.vae.encode)
     monkeypatch.setattr(pipe.model.vae, "encode", encode)
-    reduce = Recorder(pipe.model.reduce_image_features)
-    monkeypatch.setattr(pipe.model, "reduce_image_features", reduce)
+    reduce = Recorder(pipe.model.model.reduce_image_features)
+    monkeypatch.setattr(pipe.model.model, "reduce_image_features", reduce)
 
     edit(pipe, image, g2tr_ratio=RATIO)
     assert len(encode.calls) == 1 and len(reduce.calls) == 1
@@ -190,7 +190,7 @@ def test_ratio_one_equals_the_unreduced_model(tiny, image, monkeypatch):
     def no_reduction(*args, **kwargs):
         raise AssertionError("the reduction must not run at ratio 1.0")
 
-    monkeypatch.setattr(unreduced_model, "reduce_image_features", no_reduction)
+    monkeypatch.setattr(unreduced_model.model, "reduce_image_features", no_reduction)
     unreduced = G2TRBagelPipeline(model=unreduced_model, processor=processor, device="cpu")
     reference = edit(unreduced, image, show_progress=False).images[0]
     np.testing.assert_array_equal(pixels(at_one), pixels(reference))
@@ -354,13 +354,13 @@ def test_velocity_against_a_prefix_equals_a_cache_that_holds_only_that_prefix(pi
         copy_of_cache = copy.deepcopy(contexts.conditional[0])
         length = query.shape[1]
         position = int(copy_of_cache.layout.next_position)
-        hidden = model.language_model.model(
+        hidden = model.language_model(
             inputs_embeds=query,
             position_ids=torch.full((1, length), position),
             past_key_values=copy_of_cache,
             gen_token_mask=model._latent_token_mask(length, query.device),
         ).last_hidden_state
-        updated = model.llm2vae(hidden[0, 1:-1])
+        updated = model.model.llm2vae(hidden[0, 1:-1])
         read_only = model.flow_velocity(query, *contexts.conditional)
     torch.testing.assert_close(from_prefix, from_own_cache, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(read_only, updated, rtol=1e-5, atol=1e-5)

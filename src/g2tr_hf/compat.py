@@ -12,13 +12,22 @@ library rather than by comparing version strings (a feature check survives backp
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
-__all__ = ["CACHE_KWARG", "LEGACY_CACHE_KWARG", "drop_parallel_plans", "output_cache", "pop_cache_argument"]
+__all__ = [
+    "CACHE_KWARG",
+    "LEGACY_CACHE_KWARG",
+    "checkpoint_key",
+    "drop_parallel_plans",
+    "output_cache",
+    "pop_cache_argument",
+    "register_checkpoint_renames",
+]
 
 # Both names a caller may use for the KV cache; the first is the installed release's own.
 LEGACY_CACHE_KWARG = "past_key_values"
@@ -63,3 +72,29 @@ def drop_parallel_plans(model: nn.Module) -> None:
             for name in ("base_model_tp_plan", "base_model_pp_plan"):
                 if sub is not None and getattr(sub, name, None):
                     setattr(sub, name, None)
+
+
+def register_checkpoint_renames(model_type: str, renames: tuple[tuple[str, str], ...]) -> None:
+    """Have transformers rename checkpoint keys on load, and back on save, for models of `model_type`.
+
+    Args:
+        renames: (checkpoint prefix, module prefix) pairs of dotted names without a trailing dot, e.g.
+            `("language_model.lm_head", "lm_head")`: the official checkpoints keep their own names on disk while the
+            module tree follows transformers' base-model / head split. A prefix matches whole names only
+            (`vae` does not match `vae2llm`). `register_checkpoint_conversion_mapping` has this signature from 5.17 on.
+    """
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    # transformers ends a pattern that ends in a letter or digit on a name boundary, and reverses a renaming on save
+    # by using the module prefix as the pattern.
+    mapping = [WeightRenaming("^" + re.escape(stored), module) for stored, module in renames]
+    register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
+
+
+def checkpoint_key(module_key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """The name under which the checkpoint stores the state-dict entry `module_key` (inverse of the renames)."""
+    for stored, module in renames:
+        if module_key.startswith(module + "."):
+            return stored + module_key[len(module) :]
+    return module_key

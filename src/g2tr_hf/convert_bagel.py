@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig, Qwen2Config
 from transformers.utils import logging
 
+from .compat import checkpoint_key
 from .configuration_bagel import G2TRBagelConfig
 from .hub import (
     atomic_directory,
@@ -40,7 +41,7 @@ from .hub import (
     render_model_card,
     write_remote_code,
 )
-from .modeling_bagel import G2TRBagelForConditionalGeneration
+from .modeling_bagel import CHECKPOINT_RENAMES, G2TRBagelForConditionalGeneration
 from .processing_bagel import G2TRBagelImageProcessor, G2TRBagelProcessor
 
 
@@ -212,7 +213,9 @@ def _check_weights(config: G2TRBagelConfig, shapes: Mapping[str, tuple[int, ...]
     memory). Extra checkpoint keys are only logged."""
     with torch.device("meta"):
         model = G2TRBagelForConditionalGeneration(config)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    expected = {
+        checkpoint_key(key, CHECKPOINT_RENAMES): tuple(value.shape) for key, value in model.state_dict().items()
+    }
     absent = sorted(set(expected) - set(shapes))
     if absent:
         raise ValueError(f"`source`: the snapshot lacks {len(absent)} weights the model needs, e.g. {absent[:5]}.")

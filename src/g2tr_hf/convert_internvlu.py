@@ -39,9 +39,10 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.utils import logging
 
+from .compat import checkpoint_key
 from .configuration_internvlu import SPECIAL_TOKENS, G2TRInternVLUConfig
 from .hub import atomic_directory, model_auto_map, place_file, render_model_card, write_remote_code
-from .modeling_internvlu import G2TRInternVLUForConditionalGeneration
+from .modeling_internvlu import CHECKPOINT_RENAMES, G2TRInternVLUForConditionalGeneration
 from .processing_internvlu import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -301,7 +302,7 @@ def _expected_shapes(config: G2TRInternVLUConfig) -> dict[str, tuple[int, ...]]:
     if config.tie_word_embeddings:
         for tied in model._tied_weights_keys:
             shapes.pop(tied, None)
-    return shapes
+    return {checkpoint_key(key, CHECKPOINT_RENAMES): shape for key, shape in shapes.items()}
 
 
 def _check_weights(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]]) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "G2TRGenerationMixin",
     "as_compact_cache",
     "cached_layout",
+    "compact_targets",
     "compaction_index",
     "continuation_image_index",
     "ids_from_embeddings",
@@ -362,3 +363,17 @@ def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     index[rows[keep], destination[keep]] = source[keep]
     filled[rows[keep], destination[keep]] = True
     return index, filled
+
+
+def compact_targets(
+    kept_token_mask: torch.Tensor, *targets: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    """Training targets [B, L] aligned with the caller's tokens, moved onto the compact sequence the decoder ran on
+    (the slots of merged image tokens removed, rows left-padded again with -100)."""
+    if bool(kept_token_mask.all()):
+        return targets
+    index, filled = compaction_index(kept_token_mask)
+    return tuple(
+        None if target is None else target.to(index.device).gather(1, index).masked_fill(~filled, -100)
+        for target in targets
+    )

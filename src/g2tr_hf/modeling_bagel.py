@@ -42,13 +42,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 from transformers.utils.import_utils import is_diffusers_available
 
-from .compat import CACHE_KWARG, drop_parallel_plans, pop_cache_argument
+from .compat import CACHE_KWARG, drop_parallel_plans, output_cache, pop_cache_argument, register_checkpoint_renames
 from .configuration_bagel import G2TRBagelConfig
 from .generation_g2tr import (
     CacheLayout,
     G2TRGenerationMixin,
     as_compact_cache,
     cached_layout,
+    compact_targets,
     compaction_index,
     continuation_image_index,
     ids_from_embeddings,
@@ -433,15 +434,6 @@ class BagelTextModel(nn.Module):
         )
 
 
-class BagelLanguageModel(nn.Module):
-    """`language_model`: the decoder plus the untied `lm_head` (upstream `Qwen2ForCausalLM`, MoT variant)."""
-
-    def __init__(self, config) -> None:
-        super().__init__()
-        self.model = BagelTextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # NaViT SigLIP
 # ----------------------------------------------------------------------------------------------------------------
@@ -812,6 +804,19 @@ class G2TRBagelCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_reductions: list[ReductionResult] | None = None
 
 
+@dataclass
+class G2TRBagelModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    Output of [`G2TRBagelModel`]: transformers' `BaseModelOutputWithPast` (`last_hidden_state` over the COMPACT
+    sequence, the KV cache under the installed release's name, `hidden_states`, `attentions`) plus the reduction's
+    bookkeeping, as in [`G2TRBagelCausalLMOutputWithPast`].
+    """
+
+    attention_mask: torch.LongTensor | None = None
+    kept_token_mask: torch.BoolTensor | None = None
+    image_reductions: list[ReductionResult] | None = None
+
+
 class G2TRBagelPreTrainedModel(PreTrainedModel):
     config: G2TRBagelConfig
     config_class = G2TRBagelConfig
@@ -840,23 +845,23 @@ class G2TRBagelPreTrainedModel(PreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrainedModel, GenerationMixin):
+class G2TRBagelModel(G2TRBagelPreTrainedModel):
     r"""
-    BAGEL-7B-MoT with G2TR: understanding (text generation from interleaved text and images) with the ViT tokens of
-    every image reduced to `K = keep_count(N, g2tr_ratio, g2tr_min_keep)` by agreement with the model's own VAE
-    latent. The generation-side modules (`vae`, `time_embedder`, `vae2llm`, `llm2vae`, `latent_pos_embed`, the
-    `*_moe_gen` expert) are present and usable through `embed_latent_tokens` and `gen_token_mask`.
+    The BAGEL-7B-MoT backbone with G2TR, without the language-model head: the Mixture-of-Transformers decoder
+    (`language_model`), the NaViT SigLIP (`vit_model`) and `connector`, the sin-cos tables, and the generation-side
+    modules (`vae`, `time_embedder`, `vae2llm`, `llm2vae`, `latent_pos_embed`). Its forward embeds the prompt, reduces
+    the ViT tokens of every image to `K = keep_count(N, g2tr_ratio, g2tr_min_keep)` by agreement with the model's own
+    VAE latent, and returns the decoder's hidden states over the compact sequence.
 
-    Also what `AutoModel` returns for this config.
+    The official checkpoint's names are kept on disk: transformers renames them on load and back on save
+    (`CHECKPOINT_RENAMES`).
     """
-
-    _image_input_names = _PATCH_INPUTS + _IMAGE_INPUTS
 
     def __init__(self, config: G2TRBagelConfig) -> None:
         super().__init__(config)
         llm_config, vit_config = config.llm_config, config.vit_config
         hidden_size = llm_config.hidden_size
-        self.language_model = BagelLanguageModel(llm_config)
+        self.language_model = BagelTextModel(llm_config)
 
         if config.visual_und:
             self.vit_model = BagelSiglipVisionModel(vit_config, config.vit_max_num_patch_per_side)
@@ -879,34 +884,15 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
                     "generation are unavailable. Install it with `pip install diffusers`."
                 )
 
-        if self.generation_config is not None:
-            # Text generation never emits an image block: only the processor places them, with their pixels.
-            self.generation_config.suppress_tokens = [
-                config.image_token_id,
-                config.vision_start_token_id,
-                config.vision_end_token_id,
-            ]
         self.post_init()
-        drop_parallel_plans(self)
-
-    # --- embeddings (GenerationMixin / resize_token_embeddings) ---------------------------------------------------
 
     def get_input_embeddings(self) -> nn.Embedding:
-        return self.language_model.model.embed_tokens
+        return self.language_model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.language_model.model.embed_tokens = value
+        self.language_model.embed_tokens = value
 
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.language_model.lm_head
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.language_model.lm_head = new_embeddings
-
-    def get_decoder(self) -> BagelTextModel:
-        return self.language_model.model
-
-    # --- VAE / generation-side helpers ----------------------------------------------------------------------------
+    # --- VAE ---------------------------------------------------------------------------------------------------
 
     @property
     def vae_downsample(self) -> int:
@@ -1185,15 +1171,13 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         g2tr_ratio: float | None = None,
-        labels: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         decoding_step: bool = False,
         position_ids: torch.LongTensor | None = None,
         **kwargs,
-    ) -> G2TRBagelCausalLMOutputWithPast | tuple:
+    ) -> G2TRBagelModelOutputWithPast | tuple:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
@@ -1220,11 +1204,6 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
                 are recognised by their embedding, so image inputs work with them too.
             g2tr_ratio (`float`, *optional*): keep ratio for this call, in (0, 1]; defaults to `config.g2tr_ratio`.
                 1.0 skips the reduction entirely (no VAE encode).
-            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): next-token targets
-                aligned with `input_ids` (-100 = ignored); they follow the compaction. `shift_labels` (already
-                shifted targets, as transformers' loss accepts) are compacted the same way.
-            logits_to_keep (`int` or `torch.Tensor`, *optional*): compute logits only for the last `n` compact
-                positions (0 = all), or for the given compact indices.
             output_attentions (`bool`, *optional*): return every decoder layer's attention weights over the compact
                 sequence; needs `attn_implementation="eager"`.
             decoding_step (`bool`, *optional*, defaults to `False`): the ids are tokens the model generated itself
@@ -1233,7 +1212,6 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
                 block) and the cache, so the model derives them.
         """
         past_key_values = pop_cache_argument(past_key_values, kwargs)
-        shift_labels = kwargs.pop("shift_labels", None)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         use_cache = use_cache if use_cache is not None else getattr(self.config.llm_config, "use_cache", True)
         output_hidden_states = bool(
@@ -1251,7 +1229,7 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
             )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        checkpointing = any(layer.gradient_checkpointing for layer in self.language_model.model.layers)
+        checkpointing = any(layer.gradient_checkpointing for layer in self.language_model.layers)
         if checkpointing and self.training and use_cache:
             logger.warning_once("Gradient checkpointing recomputes layers, so no KV cache is kept: `use_cache=False`.")
             use_cache = False
@@ -1309,10 +1287,6 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
             new_mask = new_mask.gather(1, index) & filled
             position_ids = position_ids.gather(1, index).masked_fill(~filled, 0)
             block_ids = block_ids.gather(1, index).masked_fill(~filled, 0)
-            if labels is not None:
-                labels = labels.to(device).gather(1, index).masked_fill(~filled, -100)
-            if shift_labels is not None:
-                shift_labels = shift_labels.to(device).gather(1, index).masked_fill(~filled, -100)
 
         # 3. One decoder pass with the block-causal mask against the cache. A lone unpadded query against a growing
         # cache needs no mask; a static cache always does (its unwritten tail must stay hidden).
@@ -1320,7 +1294,7 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         static_cache = bool(getattr(past_key_values, "is_compileable", False))
         if inputs_embeds.shape[1] > 1 or static_cache or not (bool(new_mask.all()) and bool(layout.attention_mask.all())):
             mask_4d = block_causal_mask(layout.attention_mask.to(device), new_mask, block_ids)
-        outputs = self.language_model.model(
+        outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=mask_4d,
@@ -1332,15 +1306,150 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         if past_key_values is not None:
             past_key_values.layout = layout.extended(new_mask, position_ids, dropped=length - new_mask.shape[1])
 
+        output = G2TRBagelModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            attention_mask=new_mask.long(),
+            kept_token_mask=kept_token_mask,
+            image_reductions=reductions,
+            **{CACHE_KWARG: past_key_values if use_cache else None},
+        )
+        return output if return_dict else output.to_tuple()
+
+
+
+class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrainedModel, GenerationMixin):
+    r"""
+    BAGEL-7B-MoT with G2TR: [`G2TRBagelModel`] (`model`) and the untied language-model head (`lm_head`), for
+    understanding (text generation from interleaved text and images, the ViT tokens of every image reduced by G2TR)
+    and, through the helpers below and `G2TRBagelPipeline`, image editing and text-to-image.
+
+    Also what `AutoModel` returns for this config.
+    """
+
+    _image_input_names = _PATCH_INPUTS + _IMAGE_INPUTS
+
+    def __init__(self, config: G2TRBagelConfig) -> None:
+        super().__init__(config)
+        self.model = G2TRBagelModel(config)
+        self.lm_head = nn.Linear(config.llm_config.hidden_size, config.llm_config.vocab_size, bias=False)
+        if self.generation_config is not None:
+            # Text generation never emits an image block: only the processor places them, with their pixels.
+            self.generation_config.suppress_tokens = [
+                config.image_token_id,
+                config.vision_start_token_id,
+                config.vision_end_token_id,
+            ]
+        self.post_init()
+        drop_parallel_plans(self)
+
+    # --- submodules, embeddings (GenerationMixin / resize_token_embeddings) ---------------------------------------
+
+    @property
+    def language_model(self) -> BagelTextModel:
+        return self.model.language_model
+
+    @property
+    def vit_model(self) -> BagelSiglipVisionModel:
+        return self.model.vit_model
+
+    @property
+    def vae(self) -> nn.Module | None:
+        return getattr(self.model, "vae", None)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def get_decoder(self) -> BagelTextModel:
+        return self.model.language_model
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """See [`G2TRBagelModel.get_image_features`]."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def encode_vae_latents(self, *args, **kwargs) -> list[torch.Tensor]:
+        """See [`G2TRBagelModel.encode_vae_latents`]."""
+        return self.model.encode_vae_latents(*args, **kwargs)
+
+    @property
+    def vae_downsample(self) -> int:
+        return self.model.vae_downsample
+
+    # --- forward ------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_position_ids: torch.LongTensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
+        vae_pixel_values: torch.FloatTensor | None = None,
+        vae_image_hw: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        g2tr_ratio: float | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        decoding_step: bool = False,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> G2TRBagelCausalLMOutputWithPast | tuple:
+        r"""
+        The inputs of [`G2TRBagelModel.forward`], plus:
+
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): next-token targets
+                aligned with `input_ids` (-100 = ignored); they follow the compaction. `shift_labels` (already
+                shifted targets, as transformers' loss accepts) are compacted the same way.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*): compute logits only for the last `n` compact
+                positions (0 = all), or for the given compact indices.
+        """
+        shift_labels = kwargs.pop("shift_labels", None)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_position_ids=image_position_ids,
+            image_grid_hw=image_grid_hw,
+            vae_pixel_values=vae_pixel_values,
+            vae_image_hw=vae_image_hw,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            g2tr_ratio=g2tr_ratio,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            decoding_step=decoding_step,
+            position_ids=position_ids,
+            **kwargs,
+        )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.language_model.lm_head(hidden_states)
+        logits = self.lm_head(hidden_states)
 
         loss = None
         if labels is not None or shift_labels is not None:
+            labels, shift_labels = compact_targets(outputs.kept_token_mask, labels, shift_labels)
             loss = self.loss_function(
                 logits=logits,
                 labels=labels,
@@ -1354,10 +1463,10 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            attention_mask=new_mask.long(),
-            kept_token_mask=kept_token_mask,
-            image_reductions=reductions,
-            **{CACHE_KWARG: past_key_values if use_cache else None},
+            attention_mask=outputs.attention_mask,
+            kept_token_mask=outputs.kept_token_mask,
+            image_reductions=outputs.image_reductions,
+            **{CACHE_KWARG: output_cache(outputs)},
         )
         return output if return_dict else output.to_tuple()
 
@@ -1490,7 +1599,7 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         if not bool(layout.attention_mask.all()):
             block_ids = torch.ones(1, length, dtype=torch.long, device=device)
             attention_mask = block_causal_mask(layout.attention_mask.to(device), new_mask, block_ids)
-        self.language_model.model(
+        self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=attention_mask,
@@ -1514,11 +1623,11 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         patch_size = self.config.latent_patch_size
         height, width = latents.shape[-2] // patch_size, latents.shape[-1] // patch_size
         self._check_latent_grid(height, width)
-        device = self.vae2llm.weight.device
+        device = self.model.vae2llm.weight.device
         tokens = patchify_latents(latents.to(device), patch_size)
         position_ids = latent_position_ids(height, width, self.config.max_latent_size, device)
         clean = torch.zeros(1, device=device)
-        block = self._image_block(self.embed_latent_tokens(tokens, clean, position_ids))
+        block = self._image_block(self.model.embed_latent_tokens(tokens, clean, position_ids))
         self._append_image_block(block, past_key_values, self._latent_token_mask(block.shape[1], block.device))
 
     @torch.no_grad()
@@ -1560,7 +1669,7 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
             )
         if ratio < 1.0 and latents is None:
             raise ValueError(f"g2tr_ratio={ratio} < 1 needs `latents` (the image's VAE latent) for the anchors.")
-        embeds, _, reductions = self._image_block_embeddings(
+        embeds, _, reductions = self.model._image_block_embeddings(
             pixel_values,
             image_position_ids,
             image_grid_hw,
@@ -1596,10 +1705,10 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         self._check_generation_ready()
         height, width = latent_grid
         self._check_latent_grid(height, width)
-        device = self.vae2llm.weight.device
+        device = self.model.vae2llm.weight.device
         position_ids = latent_position_ids(height, width, self.config.max_latent_size, device)
         timesteps = torch.as_tensor(timestep, dtype=torch.float32, device=device).reshape(1)
-        return self._image_block(self.embed_latent_tokens(latent_tokens.to(device), timesteps, position_ids))
+        return self._image_block(self.model.embed_latent_tokens(latent_tokens.to(device), timesteps, position_ids))
 
     @torch.no_grad()
     def flow_velocity(
@@ -1627,14 +1736,14 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
             new_keys = torch.ones(1, length, dtype=torch.bool, device=device)
             visible = torch.cat([layout.attention_mask.to(device), new_keys], dim=-1)
             attention_mask = visible[:, None, None, :].expand(1, 1, length, -1)
-        hidden_states = self.language_model.model(
+        hidden_states = self.language_model(
             inputs_embeds=query_embeds,
             position_ids=position_ids,
             attention_mask=attention_mask,
             past_key_values=context,
             gen_token_mask=self._latent_token_mask(length, device),
         ).last_hidden_state
-        return self.llm2vae(hidden_states[0, 1:-1])
+        return self.model.llm2vae(hidden_states[0, 1:-1])
 
     @torch.no_grad()
     def decode_latent_tokens(self, latent_tokens: torch.Tensor, latent_grid: tuple[int, int]) -> torch.Tensor:
@@ -1685,10 +1794,27 @@ def _repeat_groups(group_sizes: torch.Tensor, repeats: int) -> torch.Tensor:
     return _gather_segments(group_sizes, rows)
 
 
+# The official `ema.safetensors` names (upstream's `Bagel` module tree) and where they live in ours. transformers
+# applies them on load and reverses them on save, so saved folders keep the official names.
+CHECKPOINT_RENAMES = (
+    ("language_model.model", "model.language_model"),
+    ("language_model.lm_head", "lm_head"),
+    *(
+        (name, f"model.{name}")
+        for name in (
+            "vit_model", "connector", "vit_pos_embed", "latent_pos_embed", "time_embedder", "vae2llm", "llm2vae", "vae"
+        )
+    ),
+)
+register_checkpoint_renames(G2TRBagelConfig.model_type, CHECKPOINT_RENAMES)
+
 G2TRBagelForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
+    "CHECKPOINT_RENAMES",
     "BagelCachePrefix",
+    "G2TRBagelModel",
+    "G2TRBagelModelOutputWithPast",
     "G2TRBagelCausalLMOutputWithPast",
     "G2TRBagelForConditionalGeneration",
     "G2TRBagelPreTrainedModel",

@@ -1,13 +1,14 @@
 """InternVL-U understanding (InternViT-300M -> pixel shuffle -> `mlp1` -> Qwen3) with G2TR visual token reduction.
 
-The module tree keeps the parameter names of the official `vlm/` checkpoint (`InternVLUChatModel`, 658 tensors), so
-its safetensors load without any renaming:
+The official `vlm/` checkpoint (`InternVLUChatModel`, 658 tensors) loads under its own names; on disk (and in every
+folder this package writes) they stay as they are, while the module tree follows transformers' base-model / head
+split (`model.*`, `lm_head`; `CHECKPOINT_RENAMES`, applied by transformers on load and reversed on save):
 
     vision_model.embeddings.{class_embedding, patch_embedding.{weight,bias}, position_embedding}
     vision_model.encoder.layers.{i}.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2, norm1, norm2, ls1, ls2}
     mlp1.{0,1,3}.{weight,bias}
     special_token_embedding.weight
-    language_model.model.*            (transformers' Qwen3ForCausalLM)
+    language_model.model.*            (transformers' Qwen3Model; `lm_head` is ours)
     language_model.lm_head.weight
     vae.*                             (diffusers' AutoencoderKLQwenImage; from the checkpoint's `vae/` folder)
 
@@ -31,21 +32,22 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel, Qwen3ForCausalLM
+from transformers import GenerationMixin, PreTrainedModel, Qwen3Model
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 from transformers.utils.import_utils import is_diffusers_available
 
-from .compat import CACHE_KWARG, drop_parallel_plans, output_cache, pop_cache_argument
+from .compat import CACHE_KWARG, drop_parallel_plans, output_cache, pop_cache_argument, register_checkpoint_renames
 from .configuration_internvlu import SPECIAL_TOKENS, G2TRInternViTConfig, G2TRInternVLUConfig
 from .generation_g2tr import (
     G2TRGenerationMixin,
     as_compact_cache,
     cached_layout,
+    compact_targets,
     compaction_index,
     continuation_image_index,
     ids_from_embeddings,
@@ -345,19 +347,36 @@ class G2TRInternVLUCausalLMOutputWithPast(CausalLMOutputWithPast):
     reduced_attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length')`, *optional*): the
         attention mask of the compacted sequence; set only when visual tokens were removed. With reduction on,
         `logits` follow this compacted sequence (`sequence_length' <= sequence_length`).
+    kept_token_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): which of the caller's tokens
+        entered the decoder (False for the slots of dropped visual tokens).
     reduction (`list[ReductionResult]`, *optional*): the G2TR plan of every image (kept indices, scores,
         assignment), in image order; set only when the reduction ran.
     """
 
     image_hidden_states: torch.FloatTensor | None = None
     reduced_attention_mask: torch.LongTensor | None = None
+    kept_token_mask: torch.BoolTensor | None = None
+    reduction: list[ReductionResult] | None = None
+
+
+@dataclass
+class G2TRInternVLUModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    Output of [`G2TRInternVLUModel`]: transformers' `BaseModelOutputWithPast` (`last_hidden_state` over the compact
+    sequence, the KV cache under the installed release's name, `hidden_states`, `attentions`) plus the fields of
+    [`G2TRInternVLUCausalLMOutputWithPast`] that describe the images and the reduction.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+    reduced_attention_mask: torch.LongTensor | None = None
+    kept_token_mask: torch.BoolTensor | None = None
     reduction: list[ReductionResult] | None = None
 
 
 class G2TRInternVLUPreTrainedModel(PreTrainedModel):
     config: G2TRInternVLUConfig
     config_class = G2TRInternVLUConfig
-    base_model_prefix = ""
+    base_model_prefix = "model"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
@@ -379,12 +398,14 @@ class G2TRInternVLUPreTrainedModel(PreTrainedModel):
             init.constant_(module.ls2, vision_config.initializer_factor)
 
 
-class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPreTrainedModel, GenerationMixin):
-    """InternVL-U understanding with G2TR. See the module docstring for the checkpoint layout and the reduction."""
+class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
+    """The InternVL-U understanding backbone with G2TR, without the language-model head: InternViT (`vision_model`),
+    `mlp1`, the Qwen3 decoder (`language_model`), `special_token_embedding` and the Qwen-Image VAE (`vae`, the G2TR
+    anchors). Its forward returns the decoder's hidden states over the compact sequence.
 
-    _image_input_names = ("pixel_values", "vae_pixel_values", "vae_pixel_sizes")
-
-    _tied_weights_keys = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
+    The official `vlm/` names are kept on disk: transformers renames them on load and back on save
+    (`CHECKPOINT_RENAMES`).
+    """
 
     def __init__(self, config: G2TRInternVLUConfig):
         super().__init__(config)
@@ -395,35 +416,16 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
             config.vision_config._attn_implementation = config._attn_implementation
         self.vision_model = InternViTModel(config.vision_config)
         self.mlp1 = build_projector(config)
-        self.language_model = Qwen3ForCausalLM(config.text_config)
+        self.language_model = Qwen3Model(config.text_config)
         self.special_token_embedding = nn.Embedding(len(SPECIAL_TOKENS), config.text_config.hidden_size)
         self.vae = build_qwen_image_vae(config.vae_config) if config.vae_config is not None else None
-        if self.generation_config is not None:
-            # Text generation stops at the end of the turn or where an image would start (as upstream).
-            self.generation_config.eos_token_id = [config.im_end_token_id, config.image_start_token_id]
-            if self.generation_config.pad_token_id is None:
-                self.generation_config.pad_token_id = config.text_config.pad_token_id
-            # Text generation never emits an image placeholder: only the processor places them, with their pixels.
-            self.generation_config.suppress_tokens = [config.image_token_id]
         self.post_init()
-        drop_parallel_plans(self)
-
-    # -- embeddings / heads -------------------------------------------------------------------------------------
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_output_embeddings(value)
-
-    def get_decoder(self) -> nn.Module:
-        return self.language_model.get_decoder()
 
     @property
     def vae_scale_factor(self) -> int:
@@ -619,16 +621,14 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
         vae_pixel_values: torch.FloatTensor | None = None,
         vae_pixel_sizes: torch.LongTensor | None = None,
         g2tr_ratio: float | None = None,
         decoding_step: bool = False,
         return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> G2TRInternVLUCausalLMOutputWithPast | tuple:
+    ) -> G2TRInternVLUModelOutputWithPast | tuple:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): left-padded prompt ids with one
@@ -645,9 +645,7 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
             inputs_embeds (`torch.FloatTensor`, *optional*): instead of `input_ids`: word embeddings
                 (`get_input_embeddings()`); the image blocks and special tokens are recognised by their embedding,
                 so image inputs work with them too.
-            labels (`torch.LongTensor`, *optional*): next-token targets (-100 ignored); compacted with the sequence,
-                as are `shift_labels` (already shifted targets, as transformers' loss accepts).
-            use_cache (`bool`, *optional*), logits_to_keep (`int`, *optional*): as in transformers' causal LMs.
+            use_cache (`bool`, *optional*): as in transformers' causal LMs.
             vae_pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`, *optional*): the images for the
                 VAE, in [-1, 1] (processor output); needed when `g2tr_ratio < 1`.
             vae_pixel_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*): (height, width) of every
@@ -658,7 +656,6 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
                 `special_token_embedding` to prompt tokens only) and placeholders among them are ordinary text.
         """
         past_key_values = pop_cache_argument(past_key_values, kwargs)
-        shift_labels = kwargs.pop("shift_labels", None)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         implementation = self.config.text_config._attn_implementation or "sdpa"
@@ -681,7 +678,7 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
                 f"{tuple(attention_mask.shape)} for {length} new tokens."
             )
         use_cache = use_cache if use_cache is not None else getattr(self.config.text_config, "use_cache", True)
-        if getattr(self.language_model.model, "gradient_checkpointing", False) and self.training and use_cache:
+        if getattr(self.language_model, "gradient_checkpointing", False) and self.training and use_cache:
             logger.warning_once("Gradient checkpointing recomputes layers, so no KV cache is kept: `use_cache=False`.")
             use_cache = False
         if use_cache and past_key_values is None:
@@ -723,10 +720,6 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
             index, filled = compaction_index(~drop)
             inputs_embeds = inputs_embeds.gather(1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
             new_mask = new_mask.gather(1, index) & filled
-            if labels is not None:
-                labels = labels.to(device).gather(1, index).masked_fill(~filled, -100)
-            if shift_labels is not None:
-                shift_labels = shift_labels.to(device).gather(1, index).masked_fill(~filled, -100)
             reduced_attention_mask = new_mask.long()
         if position_ids is not None and (drop is not None or layout.dropped):
             raise ValueError(
@@ -741,16 +734,138 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
             attention_mask=torch.cat([layout.attention_mask.to(device), new_mask], dim=-1).long(),
             position_ids=position_ids,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
             **{CACHE_KWARG: past_key_values},
             **kwargs,
         )
         if past_key_values is not None:
             past_key_values.layout = layout.extended(new_mask, position_ids, dropped=length - new_mask.shape[1])
+        output = G2TRInternVLUModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+            reduced_attention_mask=reduced_attention_mask,
+            kept_token_mask=torch.ones_like(token_ids, dtype=torch.bool) if drop is None else ~drop,
+            reduction=reduction,
+            **{CACHE_KWARG: output_cache(outputs) if use_cache else None},
+        )
+        return output if return_dict else output.to_tuple()
+
+
+
+class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPreTrainedModel, GenerationMixin):
+    """InternVL-U understanding with G2TR: [`G2TRInternVLUModel`] (`model`) and the language-model head (`lm_head`).
+    See the module docstring for the checkpoint layout and the reduction."""
+
+    _image_input_names = ("pixel_values", "vae_pixel_values", "vae_pixel_sizes")
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: G2TRInternVLUConfig):
+        super().__init__(config)
+        self.model = G2TRInternVLUModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        if self.generation_config is not None:
+            # Text generation stops at the end of the turn or where an image would start (as upstream).
+            self.generation_config.eos_token_id = [config.im_end_token_id, config.image_start_token_id]
+            if self.generation_config.pad_token_id is None:
+                self.generation_config.pad_token_id = config.text_config.pad_token_id
+            # Text generation never emits an image placeholder: only the processor places them, with their pixels.
+            self.generation_config.suppress_tokens = [config.image_token_id]
+        self.post_init()
+        drop_parallel_plans(self)
+
+    # -- submodules, embeddings ----------------------------------------------------------------------------------
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    @property
+    def vision_model(self) -> InternViTModel:
+        return self.model.vision_model
+
+    @property
+    def vae(self) -> nn.Module | None:
+        return self.model.vae
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.language_model
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """See [`G2TRInternVLUModel.get_image_features`]."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    # -- forward -------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        vae_pixel_values: torch.FloatTensor | None = None,
+        vae_pixel_sizes: torch.LongTensor | None = None,
+        g2tr_ratio: float | None = None,
+        decoding_step: bool = False,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> G2TRInternVLUCausalLMOutputWithPast | tuple:
+        r"""
+        The inputs of [`G2TRInternVLUModel.forward`], plus:
+
+        Args:
+            labels (`torch.LongTensor`, *optional*): next-token targets (-100 ignored) aligned with `input_ids`;
+                compacted with the sequence, as are `shift_labels` (already shifted targets, as transformers' loss
+                accepts).
+            logits_to_keep (`int` or `torch.Tensor`, *optional*): as in transformers' causal LMs, over the compact
+                sequence.
+        """
+        shift_labels = kwargs.pop("shift_labels", None)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            vae_pixel_values=vae_pixel_values,
+            vae_pixel_sizes=vae_pixel_sizes,
+            g2tr_ratio=g2tr_ratio,
+            decoding_step=decoding_step,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None or shift_labels is not None:
+            labels, shift_labels = compact_targets(outputs.kept_token_mask, labels, shift_labels)
             loss = self.loss_function(
-                logits=outputs.logits,
+                logits=logits,
                 labels=labels,
                 shift_labels=shift_labels,
                 vocab_size=self.config.text_config.vocab_size,
@@ -758,13 +873,14 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
             )
         output = G2TRInternVLUCausalLMOutputWithPast(
             loss=loss,
-            logits=outputs.logits,
+            logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
-            reduced_attention_mask=reduced_attention_mask,
-            reduction=reduction,
-            **{CACHE_KWARG: output_cache(outputs) if use_cache else None},
+            image_hidden_states=outputs.image_hidden_states,
+            reduced_attention_mask=outputs.reduced_attention_mask,
+            kept_token_mask=outputs.kept_token_mask,
+            reduction=outputs.reduction,
+            **{CACHE_KWARG: output_cache(outputs)},
         )
         return output if return_dict else output.to_tuple()
 
@@ -795,6 +911,9 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
 
 
 __all__ = [
+    "CHECKPOINT_RENAMES",
+    "G2TRInternVLUModel",
+    "G2TRInternVLUModelOutputWithPast",
     "G2TRInternVLUPreTrainedModel",
     "G2TRInternVLUForConditionalGeneration",
     "G2TRInternVLUCausalLMOutputWithPast",
@@ -802,5 +921,14 @@ __all__ = [
     "pixel_shuffle",
 ]
 
+
+# The official `vlm/` names (`InternVLUChatModel`) and where they live in ours. transformers applies them on load and
+# reverses them on save, so saved folders keep the official names.
+CHECKPOINT_RENAMES = (
+    ("language_model.model", "model.language_model"),
+    ("language_model.lm_head", "lm_head"),
+    *((name, f"model.{name}") for name in ("vision_model", "mlp1", "special_token_embedding", "vae")),
+)
+register_checkpoint_renames(G2TRInternVLUConfig.model_type, CHECKPOINT_RENAMES)
 
 G2TRInternVLUForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

@@ -294,10 +294,11 @@ def profile_request(model, inputs: Mapping[str, torch.Tensor], *, g2tr_ratio: fl
         bidirectional_images=bidirectional,
     )
     # `vae.encode` is called directly (not `vae.forward`), so sum the VAE's immediate children; deeper names are
-    # already contained in theirs.
+    # already contained in theirs. Counter names are "<model class>.<module path>".
+    vae_path = next((name for name, module in model.named_modules() if module is model.vae), "vae").split(".")
     vae_flops = sum(
         sum(counts.values())
         for name, counts in counter.get_flop_counts().items()
-        if name.split(".")[1:2] == ["vae"] and name.count(".") == 2
+        if name.split(".")[1 : 1 + len(vae_path)] == vae_path and name.count(".") == len(vae_path) + 1
     )
     return RequestProfile(ratio, accounting, int(vae_flops), (seconds[0], seconds[1]))

@@ -52,3 +52,28 @@ def test_resolve_ratio_and_reduction_kwargs():
     assert config.g2tr_reduction_kwargs() == {
         "min_keep": 4, "method": "topk", "merge": False, "merge_scaling": 1.0, "cell_mapping": "corner"
     }
+
+
+def test_none_means_the_configs_value_everywhere(tmp_path):
+    from g2tr_hf import G2TRBagelConfig
+
+    built = G2TRBagelConfig(g2tr_ratio=None, g2tr_min_keep=None)
+    assert (built.g2tr_ratio, built.g2tr_min_keep) == (1.0, 32)  # the defaults
+    G2TRBagelConfig(g2tr_ratio=0.5).save_pretrained(tmp_path)
+    assert G2TRBagelConfig.from_pretrained(tmp_path, g2tr_ratio=None).g2tr_ratio == 0.5  # the stored value
+    assert G2TRBagelConfig.from_pretrained(tmp_path, g2tr_ratio=0.25).g2tr_ratio == 0.25
+    assert G2TRBagelConfig.from_pretrained(tmp_path).resolve_g2tr_ratio(None) == 0.5  # and per call
+
+
+def test_min_keep_that_disables_the_reduction_warns_once(caplog):
+    import logging
+
+    from g2tr_hf.reduction import reduces_anything
+
+    with caplog.at_level(logging.WARNING, logger="g2tr_hf.reduction"):
+        assert not reduces_anything(17, 0.5, min_keep=32)
+        assert not reduces_anything(17, 0.5, min_keep=32)
+        assert reduces_anything(17, 0.5, min_keep=4)
+        assert not reduces_anything(17, 1.0, min_keep=32)  # nothing was asked: no warning
+    warnings = [record for record in caplog.records if "min_keep" in record.getMessage()]
+    assert len(warnings) == 1 and "17 tokens" in warnings[0].getMessage()

@@ -271,3 +271,20 @@ def test_no_parallel_plan_is_advertised(tiny):
     assert not model.supports_tp_plan
     text_config = model.config.to_dict()["llm_config" if "llm_config" in model.config.to_dict() else "text_config"]
     assert not any("plan" in key and text_config[key] for key in text_config)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_both_models_report_the_reduction_under_the_same_names(tiny, ratio):
+    _, model, _, inputs = tiny
+    with torch.no_grad():
+        out = model(**inputs, g2tr_ratio=ratio)
+    ids = inputs["input_ids"]
+    assert out.kept_token_mask.shape == ids.shape
+    assert out.reduced_attention_mask.shape == out.logits.shape[:2]
+    dropped = int((~out.kept_token_mask).sum())
+    assert out.logits.shape[1] == ids.shape[1] - dropped
+    if ratio == 1.0:
+        assert out.image_reductions is None and dropped == 0
+    else:
+        (plan,) = out.image_reductions
+        assert dropped == plan.num_tokens - plan.num_kept > 0

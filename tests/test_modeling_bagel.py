@@ -498,7 +498,8 @@ def test_batch_of_two_equals_two_single_runs(model, images, ratio):
             length = single["input_ids"].shape[1]
             assert torch.equal(batch_seq[row, -(length + 6) :], single_seq[0])
             # each row's cache holds its own compact length (the rest is left padding)
-            assert int(batch_out.attention_mask[row].sum()) == stored_length(output_cache(single_out))
+            assert int(batch_out.reduced_attention_mask[row].sum()) == stored_length(output_cache(single_out))
+            assert batch_out.attention_mask is batch_out.reduced_attention_mask  # the former name
 
 
 def test_multi_step_cache_decoding_matches_full_recompute(model, images):

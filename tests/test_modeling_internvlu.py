@@ -279,12 +279,13 @@ def test_ratio_one_is_bit_identical_and_skips_the_vae(model, inputs, monkeypatch
     for kwargs in ({}, {"g2tr_ratio": 1.0}):
         outputs = _run(model, inputs, **kwargs)
         assert torch.equal(outputs.logits, reference)
-        assert outputs.reduction is None and outputs.reduced_attention_mask is None
+        assert outputs.image_reductions is None and outputs.reduction is None
+        assert torch.equal(outputs.reduced_attention_mask, inputs["attention_mask"])
 
 
 def test_reduction_keeps_k_tokens_and_merges(model, inputs):
     outputs = _run(model, inputs, g2tr_ratio=0.5)
-    (plan,) = outputs.reduction
+    (plan,) = outputs.image_reductions
     assert plan.num_kept == keep_count(TOKENS_PER_IMAGE, 0.5, model.config.g2tr_min_keep) == 8
     assert torch.equal(plan.keep, torch.sort(plan.keep).values)
     length = inputs["input_ids"].shape[1]

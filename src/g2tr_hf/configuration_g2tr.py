@@ -50,6 +50,16 @@ class G2TRConfig(PreTrainedConfig):
         self.validate_g2tr()
         super().__post_init__(**kwargs)
 
+    def __setattr__(self, key: str, value) -> None:
+        # `None` for a reduction option means "the config's value", as it does per call (`g2tr_ratio=None`):
+        # `from_pretrained(path, g2tr_ratio=None)` assigns the override over the stored value, so keep that value
+        # (or the default, while the config is being built).
+        if value is None and key.startswith("g2tr_") and key in self.__dataclass_fields__:
+            if key in self.__dict__:
+                return
+            value = self.__dataclass_fields__[key].default
+        super().__setattr__(key, value)
+
     def validate_g2tr(self) -> None:
         """Raise `ValueError` naming the offending field when a reduction option is out of range.
 

@@ -788,20 +788,27 @@ def block_causal_mask(
 class G2TRBagelCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     Output of [`G2TRBagelForConditionalGeneration`]: transformers' `CausalLMOutputWithPast` (`loss`, `logits`, the KV
-    cache under the installed release's name, `hidden_states`, `attentions`) plus the reduction's bookkeeping. With
-    G2TR the sequence the decoder ran on (and so the logits) is the COMPACT one: dropped image slots are removed and
-    the rows re-left-padded.
+    cache under the installed release's name, `hidden_states`, `attentions`) plus the reduction's bookkeeping, under
+    the same names as InternVL-U's outputs. With G2TR the sequence the decoder ran on (and so the logits) is the
+    COMPACT one: dropped image slots are removed and the rows re-left-padded.
 
     Args:
-        attention_mask (`torch.LongTensor` of shape `(batch_size, compact_length)`): which compact slots are real.
+        reduced_attention_mask (`torch.LongTensor` of shape `(batch_size, compact_length)`): which compact slots are
+            real tokens (the caller's mask with the dropped slots removed). Also readable as `attention_mask`.
         kept_token_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): which of the caller's tokens
             entered the decoder (False for the slots of dropped image tokens).
-        image_reductions (`list[ReductionResult]`, *optional*): the G2TR plan of every image (None at ratio 1).
+        image_reductions (`list[ReductionResult]`, *optional*): the G2TR plan of every image, in image order (None
+            when nothing was reduced).
     """
 
-    attention_mask: torch.LongTensor | None = None
+    reduced_attention_mask: torch.LongTensor | None = None
     kept_token_mask: torch.BoolTensor | None = None
     image_reductions: list[ReductionResult] | None = None
+
+    @property
+    def attention_mask(self) -> torch.LongTensor | None:
+        """Former name of `reduced_attention_mask`."""
+        return self.reduced_attention_mask
 
 
 @dataclass
@@ -812,7 +819,7 @@ class G2TRBagelModelOutputWithPast(BaseModelOutputWithPast):
     bookkeeping, as in [`G2TRBagelCausalLMOutputWithPast`].
     """
 
-    attention_mask: torch.LongTensor | None = None
+    reduced_attention_mask: torch.LongTensor | None = None
     kept_token_mask: torch.BoolTensor | None = None
     image_reductions: list[ReductionResult] | None = None
 
@@ -1310,7 +1317,7 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            attention_mask=new_mask.long(),
+            reduced_attention_mask=new_mask.long(),
             kept_token_mask=kept_token_mask,
             image_reductions=reductions,
             **{CACHE_KWARG: past_key_values if use_cache else None},
@@ -1463,7 +1470,7 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            attention_mask=outputs.attention_mask,
+            reduced_attention_mask=outputs.reduced_attention_mask,
             kept_token_mask=outputs.kept_token_mask,
             image_reductions=outputs.image_reductions,
             **{CACHE_KWARG: output_cache(outputs)},

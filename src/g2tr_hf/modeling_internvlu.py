@@ -57,8 +57,8 @@ from .reduction import (
     ReductionResult,
     build_latent_anchors,
     interpolate_channels,
-    keep_count,
     reduce_tokens,
+    reduces_anything,
 )
 
 
@@ -340,23 +340,29 @@ def positions_after(next_position: torch.Tensor, attention_mask: torch.Tensor) -
 class G2TRInternVLUCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     Output of [`G2TRInternVLUForConditionalGeneration`]: transformers' `CausalLMOutputWithPast` (`loss`, `logits`,
-    the KV cache under the installed release's name, `hidden_states`, `attentions`) plus:
+    the KV cache under the installed release's name, `hidden_states`, `attentions`) plus the reduction's bookkeeping,
+    under the same names as BAGEL's outputs. With reduction on, `logits` follow the compact sequence.
 
-    image_hidden_states (`torch.FloatTensor` of shape `(num_images, 256, hidden_size)`, *optional*): the `mlp1`
-        outputs before reduction.
-    reduced_attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length')`, *optional*): the
-        attention mask of the compacted sequence; set only when visual tokens were removed. With reduction on,
-        `logits` follow this compacted sequence (`sequence_length' <= sequence_length`).
-    kept_token_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): which of the caller's tokens
-        entered the decoder (False for the slots of dropped visual tokens).
-    reduction (`list[ReductionResult]`, *optional*): the G2TR plan of every image (kept indices, scores,
-        assignment), in image order; set only when the reduction ran.
+    Args:
+        image_hidden_states (`torch.FloatTensor` of shape `(num_images, 256, hidden_size)`, *optional*): the `mlp1`
+            outputs before reduction.
+        reduced_attention_mask (`torch.LongTensor` of shape `(batch_size, compact_length)`): which compact slots are
+            real tokens (the caller's mask with the dropped slots removed).
+        kept_token_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): which of the caller's tokens
+            entered the decoder (False for the slots of dropped visual tokens).
+        image_reductions (`list[ReductionResult]`, *optional*): the G2TR plan of every image (kept indices, scores,
+            assignment), in image order; None when nothing was reduced. Also readable as `reduction`.
     """
 
     image_hidden_states: torch.FloatTensor | None = None
     reduced_attention_mask: torch.LongTensor | None = None
     kept_token_mask: torch.BoolTensor | None = None
-    reduction: list[ReductionResult] | None = None
+    image_reductions: list[ReductionResult] | None = None
+
+    @property
+    def reduction(self) -> list[ReductionResult] | None:
+        """Former name of `image_reductions`."""
+        return self.image_reductions
 
 
 @dataclass
@@ -370,7 +376,7 @@ class G2TRInternVLUModelOutputWithPast(BaseModelOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
     reduced_attention_mask: torch.LongTensor | None = None
     kept_token_mask: torch.BoolTensor | None = None
-    reduction: list[ReductionResult] | None = None
+    image_reductions: list[ReductionResult] | None = None
 
 
 class G2TRInternVLUPreTrainedModel(PreTrainedModel):
@@ -703,7 +709,7 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
                 image_features = self.get_image_features(pixel_values).pooler_output
                 ratio = self.config.resolve_g2tr_ratio(g2tr_ratio)
                 num_images, tokens_per_image = image_features.shape[:2]
-                if keep_count(tokens_per_image, ratio, self.config.g2tr_min_keep) < tokens_per_image:
+                if reduces_anything(tokens_per_image, ratio, self.config.g2tr_min_keep):
                     self._check_vae_inputs(num_images, vae_pixel_values, ratio)
                     reduction = self.reduce_image_features(image_features, vae_pixel_values, vae_pixel_sizes, ratio)
                 inputs_embeds, drop = self.insert_image_features(inputs_embeds, placeholder, image_features, reduction)
@@ -715,12 +721,10 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
             raise ValueError("`pixel_values` cannot be passed with `decoding_step=True` (generated tokens only).")
 
         # 2. Remove the slots of dropped visual tokens and left-pad the rows again; positions follow the cache.
-        reduced_attention_mask = None
         if drop is not None:
             index, filled = compaction_index(~drop)
             inputs_embeds = inputs_embeds.gather(1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
             new_mask = new_mask.gather(1, index) & filled
-            reduced_attention_mask = new_mask.long()
         if position_ids is not None and (drop is not None or layout.dropped):
             raise ValueError(
                 "`position_ids` cannot be used once visual tokens are removed: the model derives the positions of "
@@ -744,9 +748,9 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
-            reduced_attention_mask=reduced_attention_mask,
+            reduced_attention_mask=new_mask.long(),
             kept_token_mask=torch.ones_like(token_ids, dtype=torch.bool) if drop is None else ~drop,
-            reduction=reduction,
+            image_reductions=reduction,
             **{CACHE_KWARG: output_cache(outputs) if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
@@ -879,7 +883,7 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
             image_hidden_states=outputs.image_hidden_states,
             reduced_attention_mask=outputs.reduced_attention_mask,
             kept_token_mask=outputs.kept_token_mask,
-            reduction=outputs.reduction,
+            image_reductions=outputs.image_reductions,
             **{CACHE_KWARG: output_cache(outputs)},
         )
         return output if return_dict else output.to_tuple()

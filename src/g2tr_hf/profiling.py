@@ -276,7 +276,7 @@ def profile_request(model, inputs: Mapping[str, torch.Tensor], *, g2tr_ratio: fl
         seconds = tuple(
             _median_seconds(lambda r=r: model(**inputs, use_cache=True, g2tr_ratio=r), repeats) for r in (1.0, ratio)
         )
-    plans = getattr(reduced, "image_reductions", None) or getattr(reduced, "reduction", None)
+    plans = reduced.image_reductions
     start_id, end_id, bidirectional = _image_markers(model.config)
     row = inputs["input_ids"][0].cpu()
     if "attention_mask" in inputs:

@@ -21,6 +21,8 @@ On inputs without score ties the keep set and the merged tokens equal the offici
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -29,12 +31,15 @@ import torch
 import torch.nn.functional as F
 
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "ReductionResult",
     "available_methods",
     "build_latent_anchors",
     "interpolate_channels",
     "keep_count",
+    "reduces_anything",
     "latent_cell_index",
     "reduce_tokens",
     "reduce_tokens_batched",
@@ -88,6 +93,24 @@ def keep_count(num_tokens: int, ratio: float, min_keep: int = 1) -> int:
     `round` is Python's (half to even) on the float product, exactly as the official code: 1369 * 0.5 -> 684.
     """
     return min(max(min_keep, int(round(num_tokens * ratio))), num_tokens)
+
+
+def reduces_anything(num_tokens: int, ratio: float, min_keep: int = 1) -> bool:
+    """Whether an image of `num_tokens` tokens loses any at this ratio. When `min_keep` alone keeps them all although
+    the ratio asks for fewer, say so (once per image size): a silent no-op reads like a working reduction."""
+    if keep_count(num_tokens, ratio, min_keep) < num_tokens:
+        return True
+    if int(round(num_tokens * ratio)) < num_tokens:
+        _warn_min_keep_disables(num_tokens, float(ratio), min_keep)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_min_keep_disables(num_tokens: int, ratio: float, min_keep: int) -> None:
+    logger.warning(
+        "g2tr: an image of %d tokens is not reduced at ratio %s because `min_keep`=%d keeps them all; lower "
+        "`g2tr_min_keep` to reduce small images.", num_tokens, ratio, min_keep,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,7 +508,7 @@ def reduce_tokens(
         _raise_non_finite(features, anchors)
 
     num_keep = keep_count(num_tokens, ratio, min_keep)
-    if num_keep == num_tokens:
+    if not reduces_anything(num_tokens, ratio, min_keep):
         everything = torch.arange(num_tokens, device=features.device)
         return ReductionResult(everything, features, scores, everything.clone(), merge, float(merge_scaling))
 

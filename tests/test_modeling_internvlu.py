@@ -29,6 +29,7 @@ from g2tr_hf.configuration_internvlu import (
     build_tiny_internvlu_config,
 )
 from g2tr_hf.modeling_internvlu import (
+    vae_pixels_from_vit_pixels,
     G2TRInternVLUForConditionalGeneration,
     pixel_shuffle,
 )
@@ -505,3 +506,28 @@ def test_special_token_embedding_applies_to_the_prompt(model, inputs):
     first_image = int((inputs["input_ids"][0] == model.config.image_start_token_id).nonzero()[0])
     assert torch.equal(changed[:, :first_image], reference[:, :first_image])
     assert not torch.allclose(changed[:, first_image:], reference[:, first_image:])
+
+
+def test_official_anchor_source_rebuilds_vae_pixels_from_the_vit_input(model, inputs):
+    """`g2tr_anchor_source="vit_pixels"`: the anchors come from the ViT pixels de-normalised with CLIP statistics (the
+    official code's understanding path), not from `vae_pixel_values`."""
+    official = G2TRInternVLUForConditionalGeneration(
+        build_tiny_internvlu_config(g2tr_anchor_source="vit_pixels")
+    ).eval()
+    official.load_state_dict(model.state_dict())
+    pixels = inputs["pixel_values"]
+    rebuilt = vae_pixels_from_vit_pixels(pixels)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[None, :, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[None, :, None, None]
+    torch.testing.assert_close(rebuilt, ((pixels * std + mean).clamp(0, 1) * 2 - 1))
+    garbage = {**inputs, "vae_pixel_values": torch.zeros_like(inputs["vae_pixel_values"])}
+    with torch.no_grad():
+        features = model.get_image_features(pixels).pooler_output
+        expected = model.model.reduce_image_features(features, rebuilt, None, 0.5)
+        got = official(**garbage, g2tr_ratio=0.5).image_reductions
+        ours = model(**inputs, g2tr_ratio=0.5).image_reductions
+    assert torch.equal(got[0].keep, expected[0].keep)
+    torch.testing.assert_close(got[0].scores, expected[0].scores)
+    assert not torch.equal(ours[0].scores, got[0].scores)  # the two sources really differ
+    with pytest.raises(ValueError, match="g2tr_anchor_source"):
+        build_tiny_internvlu_config(g2tr_anchor_source="clip")

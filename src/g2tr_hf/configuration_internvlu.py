@@ -56,6 +56,9 @@ _OFFICIAL_TOKEN_IDS = {
     "<img_uncond>": 151678,  # unverified
 }
 
+# What the anchor VAE may encode in understanding (see `g2tr_anchor_source`).
+ANCHOR_SOURCES = ("image", "vit_pixels")
+
 # The Qwen-Image VAE (diffusers `AutoencoderKLQwenImage`), as in the `vae/config.json` of InternVL-U (the class
 # defaults of diffusers 0.42, which are the Qwen-Image values). The converter fills `vae_config` from the checkpoint.
 QWEN_IMAGE_VAE_CONFIG = {
@@ -187,6 +190,11 @@ class G2TRInternVLUConfig(G2TRConfig):
         official config default is 1; with pool 1 or 2 every token of the 16x16 grid has its own latent cell of the
         56x56 latent, so the selection is a global top-k), g2tr_merge: True, g2tr_merge_scaling: 1.0,
         g2tr_cell_mapping: "corner" (official).
+        g2tr_anchor_source (`str`, defaults to `"image"`): what the anchor VAE encodes in understanding. `"image"`:
+            the original image, resized by the processor for the VAE (`vae_pixel_values`). `"vit_pixels"`: the
+            official code's source, rebuilt from the 448x448 ViT input by undoing a CLIP normalisation (mean
+            (0.4815, 0.4578, 0.4082), std (0.2686, 0.2613, 0.2758)) whatever normalisation the ViT pixels had; for
+            parity studies against the official G2TR code.
     """
 
     model_type = "g2tr_internvl_u"
@@ -216,6 +224,7 @@ class G2TRInternVLUConfig(G2TRConfig):
     g2tr_merge: bool = True
     g2tr_merge_scaling: float | int = 1.0
     g2tr_cell_mapping: str = "corner"
+    g2tr_anchor_source: str = "image"
 
     def __post_init__(self, **kwargs):
         # The official config.json says `internvlu_chat`; the class attribute must win over a stored value.
@@ -243,6 +252,10 @@ class G2TRInternVLUConfig(G2TRConfig):
                 f"got {type(self.vae_config)}."
             )
         self._check_geometry()
+        if self.g2tr_anchor_source not in ANCHOR_SOURCES:
+            raise ValueError(
+                f"`g2tr_anchor_source` must be one of {list(ANCHOR_SOURCES)}, got {self.g2tr_anchor_source!r}."
+            )
         super().__post_init__(**kwargs)
 
     @staticmethod

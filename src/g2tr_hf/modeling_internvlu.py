@@ -310,6 +310,20 @@ def build_projector(config: G2TRInternVLUConfig) -> nn.Sequential:
     )
 
 
+# The statistics the official G2TR code assumes when it rebuilds VAE pixels from the ViT input (OpenAI CLIP's).
+_OFFICIAL_ANCHOR_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OFFICIAL_ANCHOR_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def vae_pixels_from_vit_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
+    """The official G2TR code's anchor source in understanding (`g2tr_anchor_source="vit_pixels"`): the ViT input
+    [N, 3, S, S] de-normalised with CLIP's mean and std (whatever normalisation it really had), clamped to [0, 1]
+    and mapped to the VAE's [-1, 1]. Returns [N, 3, S, S] float32."""
+    mean = torch.tensor(_OFFICIAL_ANCHOR_MEAN, device=pixel_values.device)[None, :, None, None]
+    std = torch.tensor(_OFFICIAL_ANCHOR_STD, device=pixel_values.device)[None, :, None, None]
+    return ((pixel_values.float() * std + mean).clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
+
+
 def build_qwen_image_vae(vae_config: dict) -> nn.Module:
     """The Qwen-Image VAE from its diffusers config (private `_...` keys of a saved config are ignored)."""
     if AutoencoderKLQwenImage is None:
@@ -710,6 +724,8 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
                 ratio = self.config.resolve_g2tr_ratio(g2tr_ratio)
                 num_images, tokens_per_image = image_features.shape[:2]
                 if reduces_anything(tokens_per_image, ratio, self.config.g2tr_min_keep):
+                    if self.config.g2tr_anchor_source == "vit_pixels":
+                        vae_pixel_values, vae_pixel_sizes = vae_pixels_from_vit_pixels(pixel_values), None
                     self._check_vae_inputs(num_images, vae_pixel_values, ratio)
                     reduction = self.reduce_image_features(image_features, vae_pixel_values, vae_pixel_sizes, ratio)
                 inputs_embeds, drop = self.insert_image_features(inputs_embeds, placeholder, image_features, reduction)
@@ -916,6 +932,7 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
 
 __all__ = [
     "CHECKPOINT_RENAMES",
+    "vae_pixels_from_vit_pixels",
     "G2TRInternVLUModel",
     "G2TRInternVLUModelOutputWithPast",
     "G2TRInternVLUPreTrainedModel",

@@ -1,6 +1,6 @@
 """What G2TR saves in a BAGEL image edit: analytic at real BAGEL-7B-MoT shapes, measured on CPU.
 
-An edit (bagel.md §2.7, g2tr.md §3.6) puts the input image into the conditional context twice: a clean VAE block
+An edit (upstream's `InterleaveInferencer`, see docs/models.md) puts the input image into the conditional context twice: a clean VAE block
 (h*w + 2 tokens, never reduced) and a ViT block that G2TR shrinks from N + 2 to K + 2 tokens; then the instruction.
 The sampler then runs N_steps - 1 denoising evaluations of the h*w + 2 latent query tokens against three contexts:
 conditional [VAE][ViT][text], text-free [VAE][ViT] (a prefix of the conditional cache here; upstream deep-copies

@@ -6,7 +6,7 @@ question, in the official `qwen2_5-chat-v3` prompt with the Chinese InternVL sys
 `G2TRInternVLUProcessor` emits it.
 
 1. Accounting at InternVL-U shapes (Qwen3-1.7B-class LLM: hidden 2048, 28 layers, 16 query / 8 KV heads of 128,
-   SwiGLU 6144, vocab 151936; shared/specs/internvlu.md §1.4):
+   SwiGLU 6144, vocab 151936):
    - prompt tokens = KV-cache entries after prefill, and KV bytes in bf16 (`g2tr_hf.profiling.kv_cache_bytes`);
    - LLM prefill FLOPs from `g2tr_hf.profiling.prefill_flops`. InternVL-U's LLM is causal over the whole prompt
      (image tokens included), so every segment is causal. Qwen3's q/k RMSNorms are left out like the other norms;

@@ -30,7 +30,7 @@ CHAT = {"add_generation_prompt": True, "tokenize": True, "return_dict": True, "r
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A tiny snapshot in the official layout (shared/specs/internvlu.md §1.2-§1.4)
+# A tiny snapshot in the official layout
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -97,7 +97,7 @@ def official_vlm_config(model: G2TRInternVLUForConditionalGeneration) -> dict:
 
 
 def official_processor_config(processor) -> dict:
-    """`processor/processor_config.json` with the keys `InternVLUProcessor.from_pretrained` reads (§1.4)."""
+    """`processor/processor_config.json` with the keys `InternVLUProcessor.from_pretrained` reads."""
     image_processor = processor.image_processor
     return {
         "processor_class": "InternVLUProcessor",

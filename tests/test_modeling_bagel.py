@@ -149,7 +149,7 @@ def images():
 
 
 def official_key_names(num_layers: int, num_vit_layers: int) -> set[str]:
-    """`ema.safetensors` key names of bagel.md §1.2 at the given depths."""
+    """The official `ema.safetensors` key names at the given depths."""
     keys = {
         "language_model.model.embed_tokens.weight",
         "language_model.model.norm.weight",
@@ -239,7 +239,7 @@ def test_sincos_table_layout():
     omega = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)
     row, col = 3, 1
     entry = table[row * side + col].double()
-    # first half: sin | cos of the COLUMN; second half: sin | cos of the ROW (bagel.md §2.2)
+    # first half: sin | cos of the COLUMN; second half: sin | cos of the ROW
     expected = torch.cat([(col * omega).sin(), (col * omega).cos(), (row * omega).sin(), (row * omega).cos()])
     torch.testing.assert_close(entry, expected, atol=1e-6, rtol=0)
 

@@ -179,7 +179,7 @@ def _native_config(config: G2TRInternVLUConfig) -> InternVLConfig:
     )
 
 
-# Original (InternVL-U) name -> native transformers name, following internvlu.md §2.7.
+# Original (InternVL-U) name -> native transformers name.
 _NATIVE_RENAMES = [
     (r"^vision_model\.", "model.vision_tower."),
     (r"\.encoder\.layers\.", ".encoder.layer."),
@@ -298,7 +298,7 @@ def test_reduction_keeps_k_tokens_and_merges(model, inputs):
 
 def test_selection_on_internvlu_geometry_is_plain_topk():
     """16x16 tokens over the 56x56 latent of a 448 px image, pool 1 or 2: every token has its own latent cell, so
-    the G2TR selection reduces to a global top-k of the cosine scores (g2tr.md §4.5)."""
+    the G2TR selection reduces to a global top-k of the cosine scores (docs/algorithm.md)."""
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(256, 64, generator=generator)
     latent = torch.randn(16, 56, 56, generator=generator)

@@ -2,7 +2,7 @@
 
 What is checked: determinism for a seed; one VAE encode per input image; the reused latent gives the same ViT block
 as a fresh encode and the context helpers agree with the model's one-pass prefill; ratio 1.0 equals the unreduced
-model; the schedule against the spec's formula (and the spec's 41-of-49 CFG count); every renorm type against a
+model; the schedule against upstream's formula (and its 41-of-49 CFG count); every renorm type against a
 hand-computed example; scales <= 1 skip their branches; denoising never writes a cache; output sizes; bad inputs;
 batches of prompts; think mode; the CLI; and a load of an exported Hub folder in an interpreter without g2tr_hf.
 """
@@ -208,7 +208,7 @@ def test_schedule_matches_the_spec_formula():
         assert schedule.dtype == torch.float32 and schedule.shape == (steps,)
         np.testing.assert_allclose(schedule.numpy(), expected, rtol=0, atol=1e-6)
         assert schedule[0] == 1.0 and schedule[-1] == 0.0 and bool((schedule[1:] < schedule[:-1]).all())
-    # Shift 3 holds t' above 0.4 while t > 0.18 (bagel.md §8): 41 of the 49 evaluations of a 50-point schedule.
+    # Shift 3 holds t' above 0.4 while t > 0.18: 41 of the 49 evaluations of a 50-point schedule.
     schedule = flow_timesteps(50, 3.0)[:-1]
     assert int(((schedule > 0.4) & (schedule <= 1.0)).sum()) == 41
 

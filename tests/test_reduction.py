@@ -1,4 +1,4 @@
-"""The reduction core against the spec's worked examples, the loop reference, and its own invariants."""
+"""The reduction core against the worked examples of docs/algorithm.md, the loop reference, and its own invariants."""
 
 import math
 
@@ -20,7 +20,7 @@ from g2tr_hf.reduction import (
 from reference_g2tr import reference_merge, reference_select
 
 
-# The 4x4 example of shared/specs/g2tr.md §2.7, scores in row-major order.
+# The 4x4 example of docs/algorithm.md, scores in row-major order.
 EXAMPLE_SCORES = torch.tensor(
     [0.90, 0.10, 0.20, 0.30, 0.80, 0.70, 0.25, 0.05, 0.15, 0.12, 0.60, 0.55, 0.11, 0.13, 0.50, 0.45],
     dtype=torch.float64,
@@ -150,7 +150,7 @@ def test_every_token_its_own_cell_equals_plain_topk():
     ],
 )
 def test_bagel_geometry_table(vit_grid, latent_grid, n, k, cells, fill):
-    """shared/specs/g2tr.md §3.4: with pool 2 every latent cell is occupied and seeds one token."""
+    """docs/algorithm.md (geometry): with pool 2 every latent cell is occupied and seeds one token."""
     assert vit_grid[0] * vit_grid[1] == n
     assert keep_count(n, 0.5, 32) == k
     occupied = latent_cell_index(vit_grid, latent_grid).unique().numel()

@@ -1,6 +1,6 @@
 """`G2TRBagelConfig`: configuration of BAGEL-7B-MoT (ByteDance-Seed/BAGEL-7B-MoT) with G2TR token reduction.
 
-The defaults are the real checkpoint's values (`shared/specs/bagel.md` §1.1, §2.1, §5): a Qwen2.5-7B Mixture-of-
+The defaults are the real checkpoint's values (its `llm_config.json`, `vit_config.json` and FLUX AE): a Qwen2.5-7B Mixture-of-
 Transformers decoder with QK-norm, a 26-layer NaViT SigLIP-so400m/14 and the FLUX.1 autoencoder. Tiny test models are
 built by passing small sub-configs.
 """
@@ -14,7 +14,7 @@ from transformers import PreTrainedConfig, Qwen2Config, SiglipVisionConfig
 from .configuration_g2tr import G2TRConfig
 
 
-# Qwen2.5-7B-Instruct (bagel.md §1.1) plus BAGEL's additions: QK-norm and the MoT layer.
+# Qwen2.5-7B-Instruct plus BAGEL's additions: QK-norm and the MoT layer.
 _DEFAULT_LLM_CONFIG: dict[str, Any] = {
     "vocab_size": 152064,
     "hidden_size": 3584,
@@ -45,7 +45,7 @@ _DEFAULT_VIT_CONFIG: dict[str, Any] = {
     "vision_use_head": False,
 }
 
-# FLUX.1 AE as a diffusers `AutoencoderKL` config (hf-conventions.md §5.2, bagel.md §5). Only constructor arguments.
+# FLUX.1 AE as a diffusers `AutoencoderKL` config. Only constructor arguments.
 _DEFAULT_VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,

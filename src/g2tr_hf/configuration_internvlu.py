@@ -18,12 +18,12 @@ from .configuration_g2tr import G2TRConfig
 logger = logging.get_logger(__name__)
 
 
-# The Chinese InternVL identity prompt of the `qwen2_5-chat-v3` template, byte for byte (internvlu.md §2.5).
+# The Chinese InternVL identity prompt of the `qwen2_5-chat-v3` template, byte for byte.
 DEFAULT_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
 
-# Order of the rows of `special_token_embedding`; part of the checkpoint contract (internvlu.md §2.4).
+# Order of the rows of `special_token_embedding`; part of the checkpoint contract.
 SPECIAL_TOKENS = (
     "</box>",
     "<box>",
@@ -38,7 +38,7 @@ SPECIAL_TOKENS = (
 )
 
 # Token ids of the official tokenizer. `<|im_start|>`, `<|im_end|>`, `<img>`, `</img>` and `<IMG_CONTEXT>` are
-# confirmed by vLLM-Omni [3p]; the other special-token ids follow the InternVL3.5 added-token order and are
+# confirmed by a third-party implementation (vLLM-Omni); the other special-token ids follow the InternVL3.5 added-token order and are
 # UNVERIFIED: check them against `processor/tokenizer.json` on first load of the real checkpoint.
 _OFFICIAL_TOKEN_IDS = {
     "<|endoftext|>": 151643,
@@ -80,7 +80,7 @@ QWEN_IMAGE_VAE_CONFIG = {
     ],
 }  # fmt: skip
 
-# The Qwen3-1.7B-shaped LLM of InternVL-U (internvlu.md §1.4; vocab size and rope theta unverified).
+# The Qwen3-1.7B-shaped LLM of InternVL-U (vocab size and rope theta unverified: check on first load).
 _DEFAULT_TEXT_CONFIG = {
     "vocab_size": 151936,
     "hidden_size": 2048,
@@ -217,7 +217,7 @@ class G2TRInternVLUConfig(G2TRConfig):
     system_message: str = DEFAULT_SYSTEM_MESSAGE
     tie_word_embeddings: bool | None = None
 
-    # InternVL-U G2TR defaults (spec g2tr.md §4.9/§4.10), restated so that they are visible here.
+    # InternVL-U G2TR defaults (the official demo's), restated so that they are visible here.
     g2tr_ratio: float | int = 1.0
     g2tr_min_keep: int = 32
     g2tr_latent_pool: int = 2

@@ -1,6 +1,6 @@
 """Turn an official BAGEL-7B-MoT snapshot into a folder that `from_pretrained` loads.
 
-The official snapshot (ByteDance-Seed/BAGEL-7B-MoT, `shared/specs/bagel.md` §1) holds `llm_config.json`,
+The official snapshot (ByteDance-Seed/BAGEL-7B-MoT) holds `llm_config.json`,
 `vit_config.json`, `ema.safetensors` (every weight but the VAE, with our module names), `ae.safetensors` (the FLUX AE
 in the original BFL/LDM key format) and the Qwen2.5 tokenizer files; its `config.json` is either a name-only file that
 is not valid JSON or a `BagelConfig` dump without `auto_map`, depending on the revision, so it is never read. The
@@ -51,14 +51,14 @@ __all__ = ["convert_bagel"]
 
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
 VIT_LAYER_PREFIX = "vit_model.vision_model.encoder.layers."
-# Upstream BAGEL drops the last SigLIP layer after reading vit_config.json (shared/specs/bagel.md §1.1).
+# Upstream BAGEL drops the last SigLIP layer after reading vit_config.json.
 VIT_LAYERS_DROPPED = 1
 # Config sides that the checkpoint fixes through the row count (side * side) of a stored position table. Reading them
-# from the weights matters: upstream's BagelConfig defaults `max_latent_size` to 32, inference sets 64 (spec §2.1).
+# from the weights matters: upstream's BagelConfig defaults `max_latent_size` to 32, inference sets 64.
 TABLE_SIDES = {"vit_max_num_patch_per_side": "vit_pos_embed.pos_embed", "max_latent_size": "latent_pos_embed.pos_embed"}
 # Config fields the snapshot itself provides; `config_overrides` may not replace them.
 DERIVED_FIELDS = ("llm_config", "vit_config", "g2tr_ratio")
-# The official resize rules (spec §6): the maxima are exactly what the position tables cover (70 x 14 px for the ViT,
+# The official resize rules: the maxima are exactly what the position tables cover (70 x 14 px for the ViT,
 # 64 latent tokens x 16 px for the VAE), so smaller tables (tiny test models) get proportionally smaller maxima.
 OFFICIAL_RESIZE = {"vae_max_size": 1024, "vae_min_size": 512, "vit_max_size": 980, "vit_min_size": 224}
 SPECIAL_TOKENS = {

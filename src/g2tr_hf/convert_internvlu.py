@@ -1,6 +1,6 @@
 """Turn an official InternVL-U snapshot (InternVL-U/InternVL-U) into one folder that `from_pretrained` loads.
 
-The official repository is a diffusers-style multi-folder pipeline (shared/specs/internvlu.md §1):
+The official repository is a diffusers-style multi-folder pipeline:
 
     model_index.json
     vlm/config.json                   InternVLUChatConfig (model_type internvlu_chat): vision_config, llm_config, ...
@@ -179,7 +179,7 @@ def _token_id(tokenizer, token: str) -> int | None:
 
 
 def _special_token_config(tokenizer, vocab_size: int) -> dict[str, Any]:
-    """The token-id fields of `G2TRInternVLUConfig`, read from the snapshot's tokenizer (internvlu.md §1.4)."""
+    """The token-id fields of `G2TRInternVLUConfig`, read from the snapshot's tokenizer."""
     needed = ("<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>") + SPECIAL_TOKENS
     ids = {token: _token_id(tokenizer, token) for token in dict.fromkeys(needed)}
     missing = [token for token, token_id in ids.items() if token_id is None]
@@ -258,7 +258,7 @@ def _build_processor(tokenizer, processor_config: Path, config: G2TRInternVLUCon
     """Our processor with the statistics of the official `processor_config.json` where it states them.
 
     The official file holds `image_processor_kwargs` (a GotOcr2 image processor: size, mean/std, resample) and
-    `image_gen_processor_kwargs` (the VAE side, mean/std 0.5) [unverified key contents, internvlu.md §1.4]; absent
+    `image_gen_processor_kwargs` (the VAE side, mean/std 0.5) [unverified key contents: check on first load]; absent
     keys keep our defaults (448 px, bicubic, ImageNet statistics; [-1, 1] for the VAE).
     """
     official = _read_json(processor_config) if processor_config.is_file() else {}

@@ -1,7 +1,7 @@
 """PyTorch BAGEL-7B-MoT (ByteDance-Seed/BAGEL-7B-MoT) with G2TR visual token reduction.
 
 The module tree reproduces the upstream `Bagel` module (ByteDance-Seed/Bagel, `modeling/bagel/*`) so that the
-official `ema.safetensors` loads without renaming (`shared/specs/bagel.md` §1.2):
+official `ema.safetensors` names stay the names on disk (see `CHECKPOINT_RENAMES` for the module tree):
 
     language_model.model.{embed_tokens, layers.N.*, norm, norm_moe_gen}, language_model.lm_head
     vit_model.vision_model.{embeddings, encoder.layers.N.*, post_layernorm}
@@ -226,7 +226,7 @@ def route_experts(
 
 class BagelMoTAttention(nn.Module):
     """Qwen2 attention duplicated per expert (`*_moe_gen`), with per-head QK-norm before RoPE. Both experts write
-    into one sequence, one softmax and one KV cache (bagel.md §3.1)."""
+    into one sequence, one softmax and one KV cache."""
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -277,7 +277,7 @@ class BagelMoTAttention(nn.Module):
         """hidden_states [B, L, D]; attention_mask [B, 1, L, P+L] bool or None. Returns ([B, L, D], weights).
 
         A `gen_token_mask` selects upstream's "gen" mode, whose q/k norms and RoPE run in fp32 for every token
-        (bagel.md §3.2); without it ("und" mode) they run in the input dtype.
+        (as upstream); without it ("und" mode) they run in the input dtype.
         """
         batch, length, _ = hidden_states.shape
         gen_mode = gen_token_mask is not None
@@ -602,7 +602,7 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 def sincos_2d_table(dim: int, side: int) -> torch.Tensor:
     """The DiT/MAE 2-D sin-cos table, [side * side, dim] float32; row `r * side + c` holds the column code of `c` in
-    its first dim/2 values and the row code of `r` in the last dim/2 (bagel.md §2.2)."""
+    its first dim/2 values and the row code of `r` in the last dim/2."""
     coords = torch.arange(side, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     table = torch.cat([sincos_1d(dim // 2, cols.reshape(-1)), sincos_1d(dim // 2, rows.reshape(-1))], dim=1)
@@ -1075,7 +1075,7 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         tokens, kept_patches, reductions = self.reduce_image_features(
             features, image_grid_hw, vae_pixel_values, vae_image_hw, ratio, latents=latents
         )
-        # Position codes of the kept tokens' ORIGINAL 2-D ids, added after merging (g2tr.md §3.1).
+        # Position codes of the kept tokens' ORIGINAL 2-D ids, added after merging (docs/algorithm.md).
         kept_ids = image_position_ids[kept_patches.to(image_position_ids.device)]
         return tokens + self.vit_pos_embed(kept_ids), kept_patches, reductions
 
@@ -1535,7 +1535,7 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also record this class under `AutoModel` in `auto_map`: transformers writes only the class it saves
-        under its registered auto class (hf-conventions.md §0.3)."""
+        under its registered auto class."""
         if getattr(self, "_auto_class", None) is not None:
             target = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
@@ -1545,7 +1545,7 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
 
     # --- image generation: context blocks, rectified-flow velocity, VAE decode -----------------------------------
     #
-    # The editing / text-to-image path of upstream's `InterleaveInferencer` (bagel.md §2.7), one request (batch 1)
+    # The editing / text-to-image path of upstream's `InterleaveInferencer`, one request (batch 1)
     # at a time, on a transformers `DynamicCache` that carries its BAGEL layout like the understanding path's caches:
     #   prefill_vae_image  the clean VAE block of an input image (t = 0, gen expert, never reduced)
     #   prefill_vit_image  its ViT block, reduced by G2TR with anchors from that same latent (no second encode)

@@ -1,7 +1,7 @@
 """`G2TRBagelPipeline`: image editing and text-to-image with BAGEL-7B-MoT and G2TR token reduction.
 
-The algorithm is the official inferencer's (ByteDance-Seed/Bagel `inferencer.py` and `Bagel.generate_image`;
-`shared/specs/bagel.md` §2.5, §2.7, §6, `shared/specs/g2tr.md` §3.6), one request at a time:
+The algorithm is the official inferencer's (ByteDance-Seed/Bagel `inferencer.py` and `Bagel.generate_image`; with
+G2TR as in the official G2TR code's editing mode, see `docs/models.md`), one request at a time:
 
 1. Context. Every input image enters the conditional context twice: first as a clean VAE block (t = 0, generation
    expert, never reduced, h*w + 2 tokens at one RoPE position), then as its ViT block, which G2TR reduces to K + 2
@@ -98,7 +98,7 @@ class GuidanceSettings:
     renorm_min: float
 
 
-# The official recommended settings (bagel.md §6, notebook / README).
+# The official recommended settings (upstream's notebook and README).
 EDIT_GUIDANCE = GuidanceSettings(
     text_scale=4.0, image_scale=2.0, interval=(0.0, 1.0), renorm_type="text_channel", renorm_min=0.0
 )
@@ -109,7 +109,7 @@ TEXT_TO_IMAGE_GUIDANCE = GuidanceSettings(
 
 def custom_pipelines_config() -> dict[str, dict[str, Any]]:
     """The `config.custom_pipelines` entry that makes `pipeline(model=folder, trust_remote_code=True)` build this
-    pipeline from a folder that ships this file next to the model's remote code (hf-conventions.md §3.7)."""
+    pipeline from a folder that ships this file next to the model's remote code."""
     return {
         PIPELINE_TASK: {
             "impl": f"{__name__.rsplit('.', 1)[-1]}.G2TRBagelPipeline",
@@ -150,7 +150,7 @@ def classifier_free_guidance(
     renorm_type: str,
     renorm_min: float,
 ) -> torch.Tensor:
-    """BAGEL's two-signal classifier-free guidance with CFG-renorm (upstream `_forward_flow`, bagel.md §2.7).
+    """BAGEL's two-signal classifier-free guidance with CFG-renorm (upstream `_forward_flow`).
 
     With `st = text_scale`, `si = image_scale`, `m = renorm_min`:
 

@@ -53,7 +53,7 @@ class DecoderShape:
     vocab_size: int
 
 
-# Qwen2.5-7B as used by BAGEL-7B-MoT (shared/specs/bagel.md §1.1).
+# Qwen2.5-7B as used by BAGEL-7B-MoT.
 BAGEL_7B_LLM = DecoderShape(
     hidden_size=3584,
     intermediate_size=18944,
@@ -65,7 +65,7 @@ BAGEL_7B_LLM = DecoderShape(
 )
 
 
-# The LLM of InternVL-U (Qwen3-1.7B-shaped; internvlu.md §1.4). d_q = 16 * 128 = 2048 = hidden size.
+# The LLM of InternVL-U (Qwen3-1.7B-shaped). d_q = 16 * 128 = 2048 = hidden size.
 INTERNVLU_LLM = DecoderShape(
     hidden_size=2048,
     intermediate_size=6144,

@@ -6,8 +6,8 @@ image (BAGEL: `connector` outputs, InternVL-U: `mlp1` outputs) and the VAE-laten
 plus the merged tokens; the plan can be applied again to any other per-token tensor (`ReductionResult.merge`) or
 undone for visualisation (`ReductionResult.unmerge`).
 
-Semantics follow the official code (lijunxian111/G2TR `src/token_merge_new.py`, restated in
-`shared/specs/g2tr.md` §2.3-2.4) with the clean-implementation changes of §6:
+Semantics follow the official code (lijunxian111/G2TR `src/token_merge_new.py`; described in `docs/algorithm.md`)
+with these implementation changes (`docs/verification.md`):
 
 - the per-cell best token is found with one scatter-max (no Python loop over cells or tokens, no host sync);
 - ties break by (higher score, lower token index) everywhere, where the official `topk` order is unspecified;

@@ -455,10 +455,10 @@ def test_a_batch_of_prompts_equals_single_runs(pipe, image):
 def test_think_mode_adds_a_plan_to_the_conditional_context_only(pipe, image, monkeypatch):
     lengths, think = {}, pipe.think
 
-    def record_think(contexts, max_think_tokens):
+    def record_think(contexts, max_think_tokens, show_progress=True):
         lengths["contexts"] = contexts
         lengths["before"] = stored_length(contexts.conditional[0])
-        return think(contexts, max_think_tokens)
+        return think(contexts, max_think_tokens, show_progress)
 
     monkeypatch.setattr(pipe, "think", record_think)
     first = edit(pipe, image, think=True, max_think_tokens=5, g2tr_ratio=RATIO)
@@ -474,6 +474,14 @@ def test_think_mode_adds_a_plan_to_the_conditional_context_only(pipe, image, mon
     assert stored_length(contexts.no_image[0]) == system + instruction
     assert contexts.no_text[1] == lengths["before"] - instruction  # system prompt + images, no text
     assert edit(pipe, image).thoughts == [None]
+
+
+def test_think_mode_shows_its_progress(tiny, image, capsys):
+    pipe = G2TRBagelPipeline(model=tiny[0], processor=tiny[1], device="cpu")  # progress bars on
+    edit(pipe, image, think=True, max_think_tokens=4, g2tr_ratio=RATIO, show_progress=True)
+    assert "thinking" in capsys.readouterr().err
+    edit(pipe, image, think=True, max_think_tokens=4, g2tr_ratio=RATIO, show_progress=False)
+    assert "thinking" not in capsys.readouterr().err
 
 
 def test_bf16_model_edits_and_generates(image):

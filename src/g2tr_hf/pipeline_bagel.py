@@ -303,7 +303,8 @@ class G2TRBagelPipeline(Pipeline):
                 writes (greedy decoding) before the image.
             max_think_tokens (`int`, defaults to 1000): length cap of the plan, counted as upstream (the
                 `<|im_start|>` seed included).
-            show_progress (`bool`, defaults to True): a progress bar over the denoising steps.
+            show_progress (`bool`, defaults to True): progress bars over the denoising steps (and the planning tokens
+                in think mode).
             output_type (`str`, defaults to "pil"): "pil" or "pt" (float tensors [3, H, W] in [0, 1]).
         Returns:
             [`G2TRBagelPipelineOutput`] with `.images` (one per prompt) and `.thoughts`.
@@ -324,7 +325,7 @@ class G2TRBagelPipeline(Pipeline):
             model_inputs = self.preprocess(request)
             contexts = self.encode_context(model_inputs, g2tr_ratio, think)
             # 4. Think mode: the model writes a plan, which joins the conditional context only.
-            thought = self.think(contexts, max_think_tokens) if think else None
+            thought = self.think(contexts, max_think_tokens, show_progress) if think else None
             # 5. The initial noise on the output's latent grid.
             latent_grid = self.output_latent_grid(model_inputs, height, width)
             latents = self.prepare_latents(latent_grid, request_generator)
@@ -384,19 +385,23 @@ class G2TRBagelPipeline(Pipeline):
         )
 
     @torch.no_grad()
-    def think(self, contexts: _Contexts, max_think_tokens: int) -> str:
+    def think(self, contexts: _Contexts, max_think_tokens: int, show_progress: bool = True) -> str:
         """Upstream think mode: greedy decoding from `<|im_start|>` on a copy of the conditional context until
-        `<|im_end|>`; the decoded plan then enters the conditional context as a text segment."""
+        `<|im_end|>`; the decoded plan then enters the conditional context as a text segment. A progress bar counts
+        the planning tokens (up to `max_think_tokens`; it can take minutes at full size)."""
         conditional, _ = contexts.conditional
         scratch = copy.deepcopy(conditional)
         im_start, im_end = self.processor.im_start_token_id, self.processor.im_end_token_id
         tokens = [im_start]
-        for _ in range(max_think_tokens - 1):
-            logits = self.model.prefill_text(torch.tensor([[tokens[-1]]], device=self.model.device), scratch)
-            next_token = int(logits.argmax(-1)[0])
-            if next_token == im_end:
-                break
-            tokens.append(next_token)
+        with self.progress_bar(total=max_think_tokens - 1, disable=not show_progress) as progress:
+            progress.set_description("thinking")
+            for _ in range(max_think_tokens - 1):
+                logits = self.model.prefill_text(torch.tensor([[tokens[-1]]], device=self.model.device), scratch)
+                next_token = int(logits.argmax(-1)[0])
+                progress.update()
+                if next_token == im_end:
+                    break
+                tokens.append(next_token)
         # Upstream's extraction: the text between the seed and the first `<|im_end|>`.
         text = self.tokenizer.decode(tokens)
         thought = text.split(self.processor.im_end_token)[0].split(self.processor.im_start_token)[1]

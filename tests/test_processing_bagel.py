@@ -354,6 +354,19 @@ def test_unsupported_image_kwargs_are_rejected_not_ignored(processor):
     with pytest.raises(ValueError, match="do_resize"):
         processor.image_processor(image, do_resize=False)
     assert processor.image_processor(image, do_resize=True, do_convert_rgb=True)["image_grid_hw"].tolist() == [[2, 2]]
+    # The rescale / normalise switches are honoured (on the ViT pixels), no longer refused.
+    unnormalised = processor.image_processor(image, do_normalize=False)["pixel_values"]
+    torch.testing.assert_close(unnormalised * 2 - 1, processor.image_processor(image)["pixel_values"])
+
+
+def test_vit_statistics_never_reach_the_vae_image(processor):
+    """`image_mean` / `image_std` (at construction or per call) are ViT options: the VAE input stays in [-1, 1]."""
+    image = random_image(64, 48, seed=2)  # a fixed point of the tiny VAE rule
+    expected = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+    custom = build_tiny_bagel_processor(image_mean=(0.1, 0.2, 0.3), image_std=(0.2, 0.2, 0.2)).image_processor
+    for out in (custom(image), processor.image_processor(image, image_mean=0.9, image_std=0.1)):
+        assert torch.equal(out["vae_pixel_values"][0], expected)
+        assert not torch.equal(out["pixel_values"], processor.image_processor(image)["pixel_values"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,10 +3,13 @@ image, the VAE pixels for the G2TR anchors, multi-image and batched inputs, inpu
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from transformers import AutoProcessor
 
 from g2tr_hf.configuration_internvlu import DEFAULT_SYSTEM_MESSAGE, TINY_TOKEN_IDS
 from g2tr_hf.processing_internvlu import (
@@ -18,6 +21,7 @@ from g2tr_hf.processing_internvlu import (
     build_tiny_tokenizer,
     normalize_question,
 )
+from remote_code import run_without_g2tr_hf
 
 
 T = 16  # <IMG_CONTEXT> per image of the tiny processor
@@ -145,12 +149,22 @@ def test_multi_image_and_batched_left_padding(processor):
     assert torch.equal(out["pixel_values"][0], single["pixel_values"][0])
 
 
-def test_plain_call_puts_missing_placeholders_in_front(processor):
-    out = processor(text="Describe.", images=[_image(0), _image(1)])
-    expected = _ids(processor, f"{_block()}\n{_block()}\nDescribe.")
+def test_plain_call_requires_one_placeholder_per_image(processor):
+    """The call no longer puts missing placeholders in front (it refuses, like the BAGEL processor); `build_prompt`
+    still writes them where upstream's text mode does."""
+    with pytest.raises(ValueError, match=r"`text` holds 0 image placeholder\(s\).*`images` holds 2 image\(s\)"):
+        processor(text="Describe.", images=[_image(0), _image(1)])
+    with pytest.raises(ValueError, match=r"holds 1 image placeholder\(s\).* holds 2 image\(s\)"):
+        processor(text="<image>\nDescribe.", images=[_image(0), _image(1)])
+    prompt = processor.build_prompt("Describe.", num_images=2)
+    assert prompt.count("<image>\n") == 2
+    out = processor(text=prompt, images=[_image(0), _image(1)])
+    expected = _ids(processor, prompt.replace("<image>", _block()))
     assert out["input_ids"][0] == expected
     flat = processor(text=["<image> a", "b <image> <image>"], images=[_image(0), _image(1), _image(2)])
     assert [row.count(TINY_TOKEN_IDS["<img>"]) for row in flat["input_ids"]] == [1, 2]
+    with pytest.raises(ValueError, match=r"`text\[1\]` holds 1 image placeholder\(s\).*`images\[1\]` holds 2"):
+        processor(text=["<image> a", "<image> b"], images=[[_image(0)], [_image(1), _image(2)]])
 
 
 def test_image_normalisation_statistics():
@@ -209,9 +223,9 @@ def test_bad_images_raise(processor, bad):
 def test_bad_calls_raise(processor):
     with pytest.raises(ValueError, match="text"):
         processor(images=_image(0))
-    with pytest.raises(ValueError, match="placeholders"):
+    with pytest.raises(ValueError, match="placeholder"):
         processor(text="<image><image> two", images=[_image(0)])
-    with pytest.raises(ValueError, match="placeholders"):
+    with pytest.raises(ValueError, match="placeholder"):
         processor(text=["<image> a", "b"], images=[_image(0), _image(1)])
     with pytest.raises(ValueError, match="prompts"):
         processor(text=["a", "b"], images=[[_image(0)]])
@@ -231,3 +245,91 @@ def test_processor_round_trip(processor, tmp_path):
     assert processor.model_input_names == [
         "input_ids", "attention_mask", "pixel_values", "vae_pixel_values", "vae_pixel_sizes",
     ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# image_seq_length from the components, kept through save / load; options fixed at construction
+# ----------------------------------------------------------------------------------------------------------------
+
+SEQ = 9  # neither the default 256 nor the tiny 16
+
+
+def _components_processor(image_seq_length: int = SEQ) -> G2TRInternVLUProcessor:
+    return G2TRInternVLUProcessor(
+        image_processor=G2TRInternVLUImageProcessor(image_size=56),
+        tokenizer=build_tiny_tokenizer(),
+        image_seq_length=image_seq_length,
+    )
+
+
+def _context_counts(batch) -> list[int]:
+    return [int((row == TINY_TOKEN_IDS["<IMG_CONTEXT>"]).sum()) for row in torch.as_tensor(batch["input_ids"])]
+
+
+def test_image_seq_length_of_a_processor_built_from_components(tmp_path):
+    processor = _components_processor()
+    assert processor.image_seq_length == SEQ
+    messages = [{"role": "user", "content": [{"type": "image", "image": _image(0)}, {"type": "text", "text": "hi"}]}]
+    assert _context_counts(processor.apply_chat_template(messages, **CHAT)) == [SEQ]
+    assert _context_counts(processor(text=["<image> a", "<image><image> b"], images=[_image(0)] * 3)) == [SEQ, 2 * SEQ]
+    data = processor._get_num_multimodal_tokens(image_sizes=[(30, 40), (448, 448)])
+    assert data.num_image_tokens == [SEQ + 2] * 2 and data.num_image_patches == [1, 1]
+
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["image_seq_length"] == SEQ
+    loaded = G2TRInternVLUProcessor.from_pretrained(tmp_path)
+    assert loaded.image_seq_length == SEQ
+    assert _context_counts(loaded.apply_chat_template(messages, **CHAT)) == [SEQ]
+    assert AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True).image_seq_length == SEQ
+
+
+def test_image_seq_length_survives_a_remote_code_load(tmp_path):
+    """AutoProcessor(trust_remote_code=True) in a process that never imports g2tr_hf keeps the saved value."""
+    _components_processor().save_pretrained(tmp_path / "repo")
+    script = """
+        import json, sys
+        import numpy as np, PIL.Image
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+        assert "g2tr_hf" not in sys.modules
+        image = PIL.Image.fromarray(np.zeros((30, 40, 3), dtype=np.uint8))
+        out = processor(text="<image>\\nWhat?", images=[image])
+        context = processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+        print("RESULT " + json.dumps({"seq": processor.image_seq_length, "count": out["input_ids"][0].count(context),
+                                      "module": type(processor).__module__}))
+        """
+    report = run_without_g2tr_hf(script, tmp_path / "repo", workdir=tmp_path)
+    assert report == {"seq": SEQ, "count": SEQ, "module": report["module"]}
+    assert report["module"].startswith("transformers_modules")
+
+
+@pytest.mark.parametrize(
+    "name, value", [("image_size", 64), ("vae_image_size", 64), ("vae_image_mean", [0.1, 0.1, 0.1])]
+)
+def test_construction_only_image_options_are_refused_per_call(processor, name, value):
+    with pytest.raises(ValueError, match=name):
+        processor.image_processor(_image(0), **{name: value})
+    with pytest.raises(ValueError, match=name):
+        processor(text="<image>", images=[_image(0)], **{name: value})
+
+
+def test_image_seq_length_is_not_a_per_call_option(processor):
+    with pytest.raises(ValueError, match="image_seq_length"):
+        processor(text="<image>", images=[_image(0)], image_seq_length=4)
+
+
+def test_unsupported_chat_template_flags_raise(processor):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(ValueError, match="return_assistant_tokens_mask"):
+        processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    with pytest.raises(ValueError, match="return_mm_token_type_ids"):
+        processor(text="hi", return_mm_token_type_ids=True)
+
+
+def test_text_options_reach_the_tokenizer(processor):
+    out = processor(text=["a", "bcd"], padding_side="right", return_tensors="pt")
+    assert out["attention_mask"][0].tolist() == [1, 0, 0]
+    out = processor(text=["a", "bcd"], return_tensors="pt")  # left by default
+    assert out["attention_mask"][0].tolist() == [0, 0, 1]
+    out = processor(text=["abcdef"], truncation=True, max_length=2)
+    assert len(out["input_ids"][0]) == 2

@@ -34,7 +34,20 @@ from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
 
-from .image_utils import composite_on_white, flatten_images, to_pil_image
+from .image_utils import (
+    STANDARD_IMAGE_KWARGS,
+    VAE_PIXELS,
+    KwargTypeError,
+    PixelOptions,
+    check_content_items,
+    check_placeholder_count,
+    composite_on_white,
+    flatten_images,
+    plain_conversation,
+    resolve_image_kwargs,
+    to_pil_image,
+    to_pixel_array,
+)
 
 
 __all__ = [
@@ -141,10 +154,11 @@ def bagel_resize_output_size(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def to_rgb_pil(image: Any, argument_name: str = "images") -> PIL.Image.Image:
+def to_rgb_pil(image: Any, argument_name: str = "images", channels_first: bool | None = None) -> PIL.Image.Image:
     """One input image (PIL in any mode, numpy HWC/HW, torch CHW/HW, path) as an 8-bit RGB PIL image, as upstream
-    sees it: RGBA (or a `transparency` entry) composited on white, other modes converted (`pil_img2rgb`)."""
-    image = to_pil_image(image, argument_name)
+    sees it: RGBA (or a `transparency` entry) composited on white, other modes converted (`pil_img2rgb`).
+    `channels_first` states the layout of arrays (`input_data_format`); None detects it."""
+    image = to_pil_image(image, argument_name, channels_first)
     try:
         return composite_on_white(image)
     except ValueError as error:
@@ -156,10 +170,10 @@ def to_rgb_pil(image: Any, argument_name: str = "images") -> PIL.Image.Image:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _pil_to_normalized_tensor(image: PIL.Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """`ToTensor` + `Normalize` of the official transform: uint8 HWC -> float32 [3, H, W], `(x / 255 - mean) / std`."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-    return (pixels - mean[:, None, None]) / std[:, None, None]
+def _pil_to_normalized_tensor(image: PIL.Image.Image, options: PixelOptions = VAE_PIXELS) -> torch.Tensor:
+    """`ToTensor` + `Normalize` of the official transform: uint8 HWC -> float32 [3, H, W], `(x / 255 - mean) / std`
+    with the defaults (mean = std = 0.5, i.e. [-1, 1]); `options` carries a call's rescale / normalise options."""
+    return torch.from_numpy(to_pixel_array(image, options))
 
 
 def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -222,10 +236,11 @@ class G2TRBagelImagesKwargs(ImagesKwargs, total=False):
 _SETTING_NAMES = tuple(
     name for name in G2TRBagelImagesKwargs.__annotations__ if name not in ImagesKwargs.__annotations__
 )
-# Standard image kwargs that this processor reads; any other one given a value is rejected instead of ignored, except
-# the switches of steps it always performs, when they are switched on.
-_USED_STANDARD_KWARGS = ("image_mean", "image_std", "resample", "return_tensors")
-_ALWAYS_ON_STEPS = ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize")
+# Where the geometry is set, for the errors about `size`, `do_resize` & co.
+_GEOMETRY = (
+    "the official resize rules size every image (their bounds are the `vae_*` / `vit_*` settings, e.g. "
+    "`vit_max_size`, `vit_min_size`, `vae_max_size`, `vae_min_size`)"
+)
 
 
 class G2TRBagelImageProcessor(PilBackend):
@@ -246,6 +261,13 @@ class G2TRBagelImageProcessor(PilBackend):
     - `vae_image_hw` int64 `[num_images, 2]`: each VAE image's own `(H, W)` (multiples of `vae_stride`).
 
     These are torch tensors whatever `return_tensors` says (a packed layout has no list form); `"np"` converts them.
+
+    **Options** (per call, at construction, or through the processor): the model-specific settings of
+    `G2TRBagelImagesKwargs`, and the standard ones of transformers' `ImagesKwargs` exactly as in the InternVL-U
+    image processor (`image_utils.resolve_image_kwargs`): `do_rescale`, `rescale_factor`, `do_normalize`,
+    `image_mean` and `image_std` change the ViT pixels only (the VAE pixels always map [0, 255] to [-1, 1], the
+    generation-side input); `resample` and `input_data_format` apply to both; `do_resize=False`, `size`,
+    `do_center_crop=True` and the like raise `ValueError`, since the grids follow the official rules.
     """
 
     valid_kwargs = G2TRBagelImagesKwargs
@@ -267,6 +289,7 @@ class G2TRBagelImageProcessor(PilBackend):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._check_settings({name: getattr(self, name) for name in _SETTING_NAMES})
+        resolve_image_kwargs(self, {}, geometry=_GEOMETRY)  # standard options given at construction, checked now
 
     @staticmethod
     def _check_settings(settings: dict[str, Any]) -> None:
@@ -296,25 +319,19 @@ class G2TRBagelImageProcessor(PilBackend):
             )
 
     def _resolve_settings(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        unknown = [key for key in kwargs if key not in self.valid_kwargs.__annotations__]
+        """The model-specific settings of one call (`_SETTING_NAMES`), plus `"pixels"`: its standard options."""
+        unknown = [key for key in kwargs if key not in _SETTING_NAMES and key not in STANDARD_IMAGE_KWARGS]
         if unknown:
-            raise ValueError(f"Unknown image processor argument(s) {unknown}; valid ones: {sorted(_SETTING_NAMES)}.")
-        ignored = [
-            key
-            for key, value in kwargs.items()
-            if value is not None
-            and key not in (*_SETTING_NAMES, *_USED_STANDARD_KWARGS)
-            and not (key in _ALWAYS_ON_STEPS and value is True)
-        ]
-        if ignored:
             raise ValueError(
-                f"{ignored} are not supported by {type(self).__name__}: the official transforms are fixed."
+                f"Unknown image processor argument(s) {unknown}; valid ones: {sorted(_SETTING_NAMES)} and the "
+                "standard options of transformers' `ImagesKwargs` (see `image_utils.resolve_image_kwargs`)."
             )
         settings = {
-            name: kwargs[name] if kwargs.get(name) is not None else getattr(self, name)
-            for name in (*_SETTING_NAMES, "image_mean", "image_std", "resample")
+            name: kwargs[name] if kwargs.get(name) is not None else getattr(self, name) for name in _SETTING_NAMES
         }
-        self._check_settings({name: settings[name] for name in _SETTING_NAMES})
+        self._check_settings(settings)
+        standard = {key: value for key, value in kwargs.items() if key in STANDARD_IMAGE_KWARGS}
+        settings["pixels"] = resolve_image_kwargs(self, standard, geometry=_GEOMETRY)
         return settings
 
     def vae_size(self, height: int, width: int, **kwargs) -> tuple[int, int]:
@@ -346,11 +363,11 @@ class G2TRBagelImageProcessor(PilBackend):
     def _resize_with_rule(self, image: PIL.Image.Image, settings: dict[str, Any], prefix: str) -> PIL.Image.Image:
         """Resize with the `prefix` ("vae" / "vit") rule; to the current size this is an identical copy, as upstream."""
         height, width = bagel_resize_output_size(image.height, image.width, **self._rule(settings, prefix))
-        return image.resize((width, height), resample=int(settings["resample"]))
+        return image.resize((width, height), resample=settings["pixels"].resample)
 
     def _official_transforms(self, image: Any, settings: dict[str, Any]) -> tuple[PIL.Image.Image, PIL.Image.Image]:
         """One input image -> (VAE image, ViT image) as 8-bit RGB PIL images, in the inferencer's order."""
-        rgb = to_rgb_pil(image)
+        rgb = to_rgb_pil(image, channels_first=settings["pixels"].channels_first)
         pre_resized = self._resize_with_rule(rgb, settings, "vae")
         # The editing path puts the pre-resized image through the whole VAE transform again (a no-op resize).
         vae_image = self._resize_with_rule(pre_resized, settings, "vae")
@@ -365,15 +382,14 @@ class G2TRBagelImageProcessor(PilBackend):
         if not flat_images:
             raise ValueError("`images` is empty: pass at least one image.")
 
-        mean = torch.tensor(settings["image_mean"], dtype=torch.float32).expand(3)
-        std = torch.tensor(settings["image_std"], dtype=torch.float32).expand(3)
         patch_size, side = settings["vit_patch_size"], settings["vit_max_num_patch_per_side"]
         vae_images, patches, position_ids, grids = [], [], [], []
         for image in flat_images:
             vae_image, vit_image = self._official_transforms(image, settings)
             grid = (vit_image.height // patch_size, vit_image.width // patch_size)
-            vae_images.append(_pil_to_normalized_tensor(vae_image, mean, std))
-            patches.append(patchify(_pil_to_normalized_tensor(vit_image, mean, std), patch_size))
+            # The call's rescale / normalise options are for the ViT; the VAE input stays in [-1, 1].
+            vae_images.append(_pil_to_normalized_tensor(vae_image))
+            patches.append(patchify(_pil_to_normalized_tensor(vit_image, settings["pixels"]), patch_size))
             position_ids.append(flattened_position_ids(*grid, side))
             grids.append(grid)
 
@@ -419,10 +435,16 @@ class G2TRBagelProcessor(ProcessorMixin):
     multi-turn chat reads as the continuation of upstream's own decoding. A final assistant message with
     `continue_final_message=True` ends as `<|im_start|> partial answer` and decoding continues it.
 
-    **Calling the processor directly.** `text` may contain `<|image_pad|>` (or Qwen's
-    `<|vision_start|><|image_pad|><|vision_end|>`) once per image; each is expanded into the full image block.
+    **Calling the processor directly.** `text` must contain `<|image_pad|>` (or Qwen's
+    `<|vision_start|><|image_pad|><|vision_end|>`) exactly once per image, each expanded into the full image block;
+    more images than placeholders (or fewer) is a `ValueError` naming both counts, as in the InternVL-U processor.
     Raw text is tokenized as given (wrap it yourself or use the chat template). Batches are LEFT padded with
     `<|endoftext|>` unless `padding_side` is given.
+
+    **Image options** (`processor(..., do_normalize=False)`, `images_kwargs={...}`, or
+    `apply_chat_template(..., processor_kwargs={...})`) reach `G2TRBagelImageProcessor`, which honours or refuses
+    them exactly as the InternVL-U processor does (see `image_utils.resolve_image_kwargs`): rescale / normalise
+    options change the ViT pixels only, never the [-1, 1] VAE pixels.
 
     The processor is ratio-agnostic: it always emits the full N; the model drops the slots of removed tokens.
     """
@@ -487,24 +509,24 @@ class G2TRBagelProcessor(ProcessorMixin):
         return [image_processor, tokenizer]
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-        """`ProcessorMixin.apply_chat_template` after checking that every content item is text or an image."""
-        self._check_conversation(conversation)
+        """`ProcessorMixin.apply_chat_template` on `conversation` with its messages as plain dicts, after checking
+        that every content item is text or an image.
+
+        A conversation is one chat or a list of chats; a chat is a list of messages or a transformers `Chat`; a
+        message is a dict, a dataclass or a pydantic model (transformers 5 message objects, e.g. huggingface_hub's
+        `ChatCompletionInputMessage` or the OpenAI SDK's), on every supported transformers release.
+        """
+        conversation = plain_conversation(conversation)
+        check_content_items(conversation, "BAGEL")
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
-    @staticmethod
-    def _check_conversation(conversation: Any) -> None:
-        batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0
-        batched = batched and isinstance(conversation[0], (list, tuple))
-        for chat in conversation if batched else [conversation]:
-            for message in getattr(chat, "messages", chat):
-                content = message.get("content") if isinstance(message, dict) else None
-                for item in content if isinstance(content, (list, tuple)) else ():
-                    item_type = item.get("type") if isinstance(item, dict) else None
-                    if item_type not in ("text", "image", "image_url"):
-                        raise ValueError(
-                            f"`conversation`: BAGEL chat messages accept only text and image content items, got "
-                            f"{item!r}."
-                        )
+    def _merge_kwargs(self, *args, **kwargs) -> dict[str, dict]:
+        """`ProcessorMixin._merge_kwargs`, with its keyword type errors (huggingface_hub's strict-dataclass errors,
+        e.g. `rescale_factor=1` for a float) raised as `ValueError`, like every other refused option."""
+        try:
+            return super()._merge_kwargs(*args, **kwargs)
+        except KwargTypeError as error:
+            raise ValueError(f"{type(self).__name__}: {error}") from error
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
         r"""
@@ -538,11 +560,7 @@ class G2TRBagelProcessor(ProcessorMixin):
     def _check_placeholders(self, text: list[str], images: Any) -> None:
         num_placeholders = sum(sample.count(self.image_token) for sample in text)
         num_images = len(flatten_images(images)) if images is not None else 0
-        if num_placeholders != num_images:
-            raise ValueError(
-                f"`text` holds {num_placeholders} image placeholder(s) ({self.image_token}) but `images` holds "
-                f"{num_images} image(s); put one placeholder where each image goes, or use chat messages."
-            )
+        check_placeholder_count(num_placeholders, num_images, placeholder=self.image_token)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The image block that replaces the `image_idx`-th placeholder: markers around h_v * w_v `<|image_pad|>`."""

@@ -549,3 +549,13 @@ def test_pipeline_loads_from_an_exported_folder_without_g2tr_hf(tiny, pipe, imag
 
     local = edit(pipe, PIL.Image.open(source), g2tr_ratio=RATIO).images[0]
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.asarray(local))
+
+
+def test_the_pipeline_takes_image_paths_like_understanding(pipe, image, tmp_path):
+    path = tmp_path / "input.png"
+    image.save(path)
+    from_path = pixels(edit(pipe, str(path), g2tr_ratio=RATIO).images[0])
+    from_image = pixels(edit(pipe, image, g2tr_ratio=RATIO).images[0])
+    np.testing.assert_array_equal(from_path, from_image)
+    with pytest.raises(ValueError, match=r"`image`: no such file"):
+        edit(pipe, str(tmp_path / "missing.png"))

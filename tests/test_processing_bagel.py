@@ -1,8 +1,7 @@
 """Tests of the BAGEL image processor, processor and chat template (`g2tr_hf.processing_bagel`).
 
-Expected sizes come from `shared/specs/g2tr.md` §3.4 and `shared/specs/bagel.md` §6 / §8, computed by hand from the
-official `MaxLongEdgeMinShortEdgeResize` rule; token layouts from spec §2.3 (upstream `prepare_prompts` /
-`prepare_vit_images`).
+Expected sizes come from the geometry table of `docs/algorithm.md` and are computed by hand from the official
+`MaxLongEdgeMinShortEdgeResize` rule; token layouts follow upstream's `prepare_prompts` / `prepare_vit_images`.
 """
 
 import json
@@ -79,7 +78,7 @@ def apply_template(processor, conversation, **kwargs):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# (input W, H) -> VAE image (H, W), ViT grid (h_v, w_v): g2tr.md §3.4 and bagel.md §8 (300x300 upscaled).
+# (input W, H) -> VAE image (H, W), ViT grid (h_v, w_v), docs/algorithm.md (300x300 upscaled).
 GEOMETRY_TABLE = [
     ((1024, 1024), (1024, 1024), (70, 70)),
     ((1024, 768), (768, 1024), (52, 70)),
@@ -96,7 +95,7 @@ def test_official_geometry_table(full_size, input_wh, vae_hw, vit_grid):
     assert full_size.vae_size(height, width) == vae_hw
     assert full_size.vit_grid(height, width) == vit_grid
     latent = (vae_hw[0] // 16, vae_hw[1] // 16)
-    assert latent[0] <= vit_grid[0] and latent[1] <= vit_grid[1]  # every latent cell gets a ViT token (§3.4)
+    assert latent[0] <= vit_grid[0] and latent[1] <= vit_grid[1]  # every latent cell gets a ViT token
 
 
 @pytest.mark.parametrize("input_wh, vae_hw, vit_grid", [GEOMETRY_TABLE[1], GEOMETRY_TABLE[3]])
@@ -152,7 +151,7 @@ def test_very_elongated_images(full_size):
 
 
 def test_vit_rule_without_vae_pre_resize(full_size):
-    # bagel.md §8: through the inferencer a 300x300 image reaches the ViT at 518x518, not 294x294.
+    # Through the inferencer a 300x300 image reaches the ViT at 518x518, not 294x294.
     assert full_size.vit_grid(300, 300) == (37, 37)
     assert full_size.vit_grid(300, 300, vit_from_vae_image=False) == (21, 21)
 

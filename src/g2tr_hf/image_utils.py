@@ -1,8 +1,9 @@
 """Inputs shared by the processors: images, the standard image-processor options, chat messages.
 
 Images. Accepted: PIL images in any mode; numpy arrays (H, W) or (H, W, C); torch tensors (C, H, W) or (H, W); C in
-1, 3, 4; uint8, integers in [0, 255] or floats in [0, 1]; paths or URLs (read with transformers' `load_image`);
-nested lists of those, and 4-D arrays or tensors as batches.
+1, 3, 4; uint8, integers in [0, 255] or floats in [0, 1]; paths, URLs, `data:image/...` URIs and base64 strings
+(`load_image_source`: URLs with a timeout, errors that name the input and the cause); nested lists of those, and
+4-D arrays or tensors as batches.
 
 Options. Both G2TR processors take the keyword arguments of transformers' `ImagesKwargs` through the same
 `resolve_image_kwargs`, so they honour the same ones and refuse the same ones with the same errors (see there).
@@ -13,15 +14,23 @@ transformers release, and `check_placeholder_count` is the one rule for images v
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import io
 import math
+import os
+import re
+import socket
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
-from transformers.image_utils import ChannelDimension, load_image
+from transformers.image_utils import ChannelDimension
 from transformers.processing_utils import ImagesKwargs
 
 
@@ -32,7 +41,9 @@ except ImportError:  # pragma: no cover - older huggingface_hub
 
 
 __all__ = [
+    "DEFAULT_IMAGE_TIMEOUT",
     "DEFAULT_RESCALE_FACTOR",
+    "ImageFetchMixin",
     "STANDARD_IMAGE_KWARGS",
     "VAE_PIXELS",
     "KwargTypeError",
@@ -41,6 +52,7 @@ __all__ = [
     "check_placeholder_count",
     "composite_on_white",
     "flatten_images",
+    "load_image_source",
     "plain_conversation",
     "resolve_image_kwargs",
     "to_pil_image",
@@ -124,6 +136,84 @@ def _array_to_pil(
     return PIL.Image.fromarray(np.ascontiguousarray(_to_uint8(array, argument_name)))
 
 
+# Seconds a URL may take to answer; `G2TR_HF_IMAGE_TIMEOUT` overrides it (a server that accepts the connection and
+# never answers would otherwise hang a chat template forever).
+DEFAULT_IMAGE_TIMEOUT = 30.0
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
+
+
+def _image_timeout(timeout: float | None) -> float:
+    if timeout is not None:
+        return float(timeout)
+    value = os.environ.get("G2TR_HF_IMAGE_TIMEOUT")
+    try:
+        return float(value) if value else DEFAULT_IMAGE_TIMEOUT
+    except ValueError:
+        raise ValueError(f"`G2TR_HF_IMAGE_TIMEOUT` must be a number of seconds, got {value!r}.") from None
+
+
+def _fetch_url(url: str, argument_name: str, timeout: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http/https checked by caller)
+            return response.read()
+    except (TimeoutError, socket.timeout):
+        raise ValueError(
+            f"`{argument_name}`: {url} did not answer within {timeout:g} s (set `G2TR_HF_IMAGE_TIMEOUT` to wait "
+            "longer)."
+        ) from None
+    except urllib.error.HTTPError as error:
+        raise ValueError(f"`{argument_name}`: {url} answered HTTP {error.code} ({error.reason}).") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ValueError(f"`{argument_name}`: cannot reach {url}: {reason}.") from None
+
+
+def load_image_source(source: str, argument_name: str = "images", timeout: float | None = None) -> PIL.Image.Image:
+    """Read an image given as a string: an http(s) URL (fetched with a timeout: `timeout`, else the
+    `G2TR_HF_IMAGE_TIMEOUT` environment variable, else 30 s), a `data:image/...;base64,` URI, a path, or a bare base64
+    string. Every failure is a `ValueError` naming the input and the cause (no answer, unreachable host, missing file,
+    not an image)."""
+    shown = source if len(source) <= 120 else source[:117] + "..."
+    if source.startswith(("http://", "https://")):
+        data = _fetch_url(source, argument_name, _image_timeout(timeout))
+        what = shown
+    elif source.startswith("data:image/"):
+        data, what = _decode_base64(source.split(",", 1)[-1], argument_name, "the data URI"), "the data URI"
+    elif os.path.isfile(source):
+        with open(source, "rb") as handle:
+            data = handle.read()
+        what = f"the file {shown}"
+    elif len(source) >= 64 and _BASE64.fullmatch(source):
+        data, what = _decode_base64(source, argument_name, "the base64 string"), "the base64 string"
+    else:
+        raise ValueError(f"`{argument_name}`: no such file: {shown!r} (expected a path, an http(s) URL or base64).")
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+        image.load()
+    except (PIL.UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"`{argument_name}`: {what} is not a readable image ({error}).") from None
+    return image
+
+
+def _decode_base64(text: str, argument_name: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(f"`{argument_name}`: {what} is not valid base64 ({error}).") from None
+
+
+class ImageFetchMixin:
+    """For image processors: `fetch_images`, what transformers' `apply_chat_template` calls for images given as URLs
+    or paths, goes through `load_image_source` (a timeout, clear errors) instead of transformers' `load_image`."""
+
+    def fetch_images(self, image_url_or_urls: Any) -> Any:
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if isinstance(image_url_or_urls, str):
+            return load_image_source(image_url_or_urls)
+        return super().fetch_images(image_url_or_urls)
+
+
 def to_pil_image(image: Any, argument_name: str = "images", channels_first: bool | None = None) -> PIL.Image.Image:
     """One input image as a PIL image in its own mode (arrays give L, RGB or RGBA).
 
@@ -131,10 +221,7 @@ def to_pil_image(image: Any, argument_name: str = "images", channels_first: bool
     None detects it (numpy prefers (H, W, C), torch (C, H, W)). PIL images and paths have no layout to state.
     """
     if isinstance(image, str):
-        try:
-            image = load_image(image)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"`{argument_name}`: cannot load the image {image!r}: {error}") from error
+        image = load_image_source(image, argument_name)
     strict = channels_first is not None
     if isinstance(image, torch.Tensor):
         if image.is_complex():

@@ -47,6 +47,7 @@ from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from .generation_g2tr import stored_length
+from .image_utils import load_image_source
 
 
 logger = logging.get_logger(__name__)
@@ -565,11 +566,13 @@ class G2TRBagelPipeline(Pipeline):
             raise ValueError(
                 "`image`: an edit needs at least one input image (got an empty list); pass None for text-to-image."
             )
+        # Paths and URLs as in understanding (the processors accept them too).
+        images = [load_image_source(item, "image") if isinstance(item, str) else item for item in images]
         for item in images:
             if not _is_image(item):
                 shape = f" of shape {tuple(item.shape)}" if isinstance(item, (np.ndarray, torch.Tensor)) else ""
                 raise ValueError(
-                    "`image` must hold PIL images, numpy arrays (H, W[, C]) or tensors (C, H, W), got "
+                    "`image` must hold PIL images, numpy arrays (H, W[, C]), tensors (C, H, W), paths or URLs, got "
                     f"{type(item).__name__}{shape}."
                 )
         return images

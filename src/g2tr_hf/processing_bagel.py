@@ -1,7 +1,7 @@
 """BAGEL-7B-MoT pre-processing: the image processor (both official resize rules), the processor and its chat template.
 
-What the official inferencer (ByteDance-Seed/Bagel `inferencer.py`, `data/transforms.py`, `data/data_utils.py`; see
-`shared/specs/bagel.md` §2.3, §2.4, §2.6 and §6) does to one input image, and what this file reproduces:
+What the official inferencer (ByteDance-Seed/Bagel `inferencer.py`, `data/transforms.py`, `data/data_utils.py`) does
+to one input image, and what this file reproduces:
 
 1. convert to RGB (RGBA, or any image carrying a `transparency` entry, is composited onto white; every other mode
    goes through PIL's `convert("RGB")`);
@@ -35,6 +35,7 @@ from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
 
 from .image_utils import (
+    ImageFetchMixin,
     STANDARD_IMAGE_KWARGS,
     VAE_PIXELS,
     KwargTypeError,
@@ -59,7 +60,7 @@ __all__ = [
     "build_tiny_bagel_tokenizer",
 ]
 
-# Qwen2.5 special tokens that BAGEL uses (spec §2.3). Their ids in the real tokenizer: 151643, 151644, 151645,
+# Qwen2.5 special tokens that BAGEL uses. Their ids in the real tokenizer: 151643, 151644, 151645,
 # 151652, 151653 and 151655.
 PAD_TOKEN = "<|endoftext|>"
 IM_START_TOKEN = "<|im_start|>"
@@ -128,7 +129,7 @@ def bagel_resize_output_size(
     stride: int,
     max_pixels: int = OFFICIAL_MAX_PIXELS,
 ) -> tuple[int, int]:
-    """Output size `(height, width)` of BAGEL's `MaxLongEdgeMinShortEdgeResize` (spec §6).
+    """Output size `(height, width)` of BAGEL's `MaxLongEdgeMinShortEdgeResize`.
 
     1. One scale for both sides: shrink the long edge to `max_size` if it is longer (never enlarge for that), but
        enlarge so that the short edge reaches `min_size` if it is shorter (this wins: tiny images are upscaled).
@@ -243,7 +244,7 @@ _GEOMETRY = (
 )
 
 
-class G2TRBagelImageProcessor(PilBackend):
+class G2TRBagelImageProcessor(ImageFetchMixin, PilBackend):
     r"""
     Image processor of BAGEL-7B-MoT (PIL backend, no torchvision needed) that reproduces the official inferencer's
     transforms exactly: RGB conversion, the VAE resize, then the ViT resize of the VAE-resized image (module
@@ -419,7 +420,7 @@ class G2TRBagelProcessor(ProcessorMixin):
     layout. Works with `apply_chat_template(..., tokenize=True, return_dict=True)` and
     `pipeline("image-text-to-text", model=model, processor=processor)`.
 
-    **Token layout** (upstream `prepare_prompts` / `prepare_vit_images`, spec §2.3):
+    **Token layout** (upstream `prepare_prompts` / `prepare_vit_images`):
 
     - a text segment is `<|im_start|>` + `tokenizer.encode(text)` + `<|im_end|>`;
     - an image is `<|vision_start|>` + N x `<|image_pad|>` + `<|vision_end|>`, N = h_v * w_v of that image;

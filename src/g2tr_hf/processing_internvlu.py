@@ -1,6 +1,6 @@
 """Processor of InternVL-U understanding with G2TR: one 448x448 tile per image, the InternVL chat template.
 
-What it reproduces from the official `InternVLUProcessor` in text mode (internvlu.md §2.5):
+What it reproduces from the official `InternVLUProcessor` in text mode:
 
 - every image becomes ONE tile, squashed (no aspect preservation) to 448x448 with bicubic resampling, rescaled by
   1/255 and normalised with the ImageNet statistics (the InternVL convention and what the checkpoint's
@@ -33,6 +33,7 @@ from transformers.utils import logging
 
 from .configuration_internvlu import DEFAULT_SYSTEM_MESSAGE, TINY_IMAGE_SIZE, TINY_SPECIAL_TOKENS
 from .image_utils import (
+    ImageFetchMixin,
     STANDARD_IMAGE_KWARGS,
     KwargTypeError,
     PixelOptions,
@@ -166,7 +167,7 @@ _GEOMETRY = (
 )
 
 
-class G2TRInternVLUImageProcessor(BaseImageProcessor):
+class G2TRInternVLUImageProcessor(ImageFetchMixin, BaseImageProcessor):
     r"""
     One tile per image for the InternViT, plus the same image for the VAE anchors of G2TR. PIL/numpy only.
 

@@ -307,6 +307,32 @@ class G2TRGenerationMixin:
                 model_inputs = self.select_continuation_images(model_inputs, input_ids, fed)
         return model_inputs
 
+    def _logits_and_loss(
+        self,
+        outputs,
+        logits_to_keep: int | torch.Tensor,
+        labels: torch.Tensor | None,
+        shift_labels: torch.Tensor | None,
+        vocab_size: int,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's part of a forward: `lm_head` over the backbone's compact hidden states (all, the last
+        `logits_to_keep`, or the given compact indices) and, with targets, the causal-LM loss after moving the caller's
+        targets onto the compact sequence (`compact_targets`)."""
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None or shift_labels is not None:
+            labels, shift_labels = compact_targets(outputs.kept_token_mask, labels, shift_labels)
+            loss = self.loss_function(
+                logits=logits, labels=labels, shift_labels=shift_labels, vocab_size=vocab_size, **kwargs
+            )
+        return logits, loss
+
     def generate(self, *args, **kwargs):
         """transformers' `generate`, after refusing up front what a compact cache cannot do."""
         generation_config = kwargs.get("generation_config") or getattr(self, "generation_config", None)

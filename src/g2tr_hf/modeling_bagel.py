@@ -49,7 +49,6 @@ from .generation_g2tr import (
     G2TRGenerationMixin,
     as_compact_cache,
     cached_layout,
-    compact_targets,
     compaction_index,
     continuation_image_index,
     ids_from_embeddings,
@@ -1447,24 +1446,8 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
             position_ids=position_ids,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-
-        loss = None
-        if labels is not None or shift_labels is not None:
-            labels, shift_labels = compact_targets(outputs.kept_token_mask, labels, shift_labels)
-            loss = self.loss_function(
-                logits=logits,
-                labels=labels,
-                shift_labels=shift_labels,
-                vocab_size=self.config.llm_config.vocab_size,
-                **kwargs,
-            )
-
+        vocab_size = self.config.llm_config.vocab_size
+        logits, loss = self._logits_and_loss(outputs, logits_to_keep, labels, shift_labels, vocab_size, **kwargs)
         output = G2TRBagelCausalLMOutputWithPast(
             loss=loss,
             logits=logits,

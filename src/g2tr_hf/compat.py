@@ -1,4 +1,5 @@
-"""The few names that differ between the transformers releases this package supports (5.17 to the newest).
+"""The few names that differ between the transformers releases this package supports (5.17 to the newest), and
+the small helpers both model files need to stay portable (across releases and across accelerate's offloading).
 
 This module travels to the Hub with the model files, so exported repositories keep working whatever transformers
 their users have installed: every version-dependent name is looked up here, once, by inspecting the installed
@@ -24,6 +25,7 @@ __all__ = [
     "LEGACY_CACHE_KWARG",
     "checkpoint_key",
     "drop_parallel_plans",
+    "execution_device",
     "output_cache",
     "pop_cache_argument",
     "register_checkpoint_renames",
@@ -98,3 +100,13 @@ def checkpoint_key(module_key: str, renames: tuple[tuple[str, str], ...]) -> str
         if module_key.startswith(module + "."):
             return stored + module_key[len(module) :]
     return module_key
+
+
+def execution_device(module: nn.Module) -> Any:
+    """Where `module` computes, or None when accelerate has offloaded its weights (they sit on the meta device until
+    its hook loads them, and that hook also moves the module's inputs). Inputs are moved to this device only when it
+    is known; reading `.weight.device` of an offloaded module would move them to the meta device instead."""
+    for parameter in module.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return None

@@ -42,7 +42,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 from transformers.utils.import_utils import is_diffusers_available
 
-from .compat import CACHE_KWARG, drop_parallel_plans, output_cache, pop_cache_argument, register_checkpoint_renames
+from .compat import CACHE_KWARG, drop_parallel_plans, execution_device, output_cache, pop_cache_argument, register_checkpoint_renames
 from .configuration_bagel import G2TRBagelConfig
 from .generation_g2tr import (
     CacheLayout,
@@ -450,8 +450,10 @@ class BagelSiglipVisionEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """pixel_values [P, 3*p*p], position_ids [P] -> [P, D]."""
         weight = self.patch_embedding.weight
-        embeddings = self.patch_embedding(pixel_values.to(device=weight.device, dtype=weight.dtype))
-        return embeddings + self.position_embedding(position_ids.to(weight.device))
+        # The dtype of an offloaded weight is known (its meta copy keeps it); its device is not: the layer's hook moves
+        # the inputs.
+        embeddings = self.patch_embedding(pixel_values.to(dtype=weight.dtype))
+        return embeddings + self.position_embedding(position_ids)
 
 
 class BagelSiglipAttention(nn.Module):
@@ -935,7 +937,7 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             members = [i for i, other in enumerate(sizes) if other == size]
             # Contiguous: the crop of a padded batch is a strided view, which compiled convolutions refuse.
             pixels = vae_pixel_values[members, :, : size[0], : size[1]].contiguous()
-            posterior = self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
+            posterior = self.vae.encode(pixels.to(device=execution_device(self.vae), dtype=self.vae.dtype)).latent_dist
             encoded = posterior.sample() if sample else posterior.mean
             encoded = (encoded - shift) * scale
             for slot, image_index in enumerate(members):
@@ -1079,7 +1081,7 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         return tokens + self.vit_pos_embed(kept_ids), kept_patches, reductions
 
     def _project_latent_anchors(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.vae2llm(pooled.to(device=self.vae2llm.weight.device, dtype=self.vae2llm.weight.dtype))
+        return self.vae2llm(pooled.to(device=execution_device(self.vae2llm), dtype=self.vae2llm.weight.dtype))
 
     def _check_vae_inputs(self, vae_pixel_values, vae_image_hw) -> None:
         if not isinstance(vae_pixel_values, torch.Tensor) or vae_pixel_values.dim() != 4:
@@ -1563,7 +1565,7 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         """[n, D] -> [1, n + 2, D]: `<|vision_start|>`, the n tokens, `<|vision_end|>` (markers are text embeddings)."""
         embed_tokens = self.get_input_embeddings()
         markers = torch.tensor(
-            [self.config.vision_start_token_id, self.config.vision_end_token_id], device=embed_tokens.weight.device
+            [self.config.vision_start_token_id, self.config.vision_end_token_id], device=inner_embeds.device
         )
         start, end = embed_tokens(markers).split(1)
         return torch.cat([start, inner_embeds.to(device=start.device, dtype=start.dtype), end])[None]
@@ -1613,8 +1615,8 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         patch_size = self.config.latent_patch_size
         height, width = latents.shape[-2] // patch_size, latents.shape[-1] // patch_size
         self._check_latent_grid(height, width)
-        device = self.model.vae2llm.weight.device
-        tokens = patchify_latents(latents.to(device), patch_size)
+        device = latents.device
+        tokens = patchify_latents(latents, patch_size)
         position_ids = latent_position_ids(height, width, self.config.max_latent_size, device)
         clean = torch.zeros(1, device=device)
         block = self._image_block(self.model.embed_latent_tokens(tokens, clean, position_ids))
@@ -1695,10 +1697,10 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         self._check_generation_ready()
         height, width = latent_grid
         self._check_latent_grid(height, width)
-        device = self.model.vae2llm.weight.device
+        device = latent_tokens.device
         position_ids = latent_position_ids(height, width, self.config.max_latent_size, device)
         timesteps = torch.as_tensor(timestep, dtype=torch.float32, device=device).reshape(1)
-        return self._image_block(self.model.embed_latent_tokens(latent_tokens.to(device), timesteps, position_ids))
+        return self._image_block(self.model.embed_latent_tokens(latent_tokens, timesteps, position_ids))
 
     @torch.no_grad()
     def flow_velocity(
@@ -1744,7 +1746,7 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         scale, shift = vae_config.get("scaling_factor", 1.0), vae_config.get("shift_factor", 0.0) or 0.0
         latents = unpatchify_latents(latent_tokens, latent_grid, self.config.latent_patch_size)
         latents = latents / scale + shift
-        return self.vae.decode(latents[None].to(device=self.vae.device, dtype=self.vae.dtype)).sample
+        return self.vae.decode(latents[None].to(device=execution_device(self.vae), dtype=self.vae.dtype)).sample
 
 
 def _check_text_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:

@@ -254,6 +254,12 @@ class G2TRBagelPipeline(Pipeline):
         if processor is None:
             raise ValueError("`processor` is required: the model's G2TRBagelProcessor (tokenizer + image processor).")
         self._progress_bar_config: dict[str, Any] = {}
+        device_map = getattr(model, "hf_device_map", None)
+        if device_map and next(iter(device_map.values())) == "disk":
+            # transformers' Pipeline takes the first device of an accelerate map as its own, and cannot work on
+            # "disk"; list a computing device first (the order of the map means nothing else once hooks are set).
+            computing = [key for key, device in device_map.items() if device != "disk"]
+            model.hf_device_map = {key: device_map[key] for key in [*computing, *device_map]}
         super().__init__(model=model, processor=processor, **kwargs)
 
     # --- the algorithm --------------------------------------------------------------------------------------------
@@ -397,7 +403,7 @@ class G2TRBagelPipeline(Pipeline):
         with self.progress_bar(total=max_think_tokens - 1, disable=not show_progress) as progress:
             progress.set_description("thinking")
             for _ in range(max_think_tokens - 1):
-                logits = self.model.prefill_text(torch.tensor([[tokens[-1]]], device=self.model.device), scratch)
+                logits = self.model.prefill_text(torch.tensor([[tokens[-1]]], device=self.device), scratch)
                 next_token = int(logits.argmax(-1)[0])
                 progress.update()
                 if next_token == im_end:
@@ -428,7 +434,7 @@ class G2TRBagelPipeline(Pipeline):
         shape = (latent_grid[0] * latent_grid[1], config.latent_patch_size**2 * config.vae_config["latent_channels"])
         device = generator.device if generator is not None else torch.device("cpu")
         noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-        return noise.to(self.model.device)
+        return noise.to(self.device)
 
     def _forward(
         self,
@@ -613,7 +619,7 @@ class G2TRBagelPipeline(Pipeline):
         """`<|im_start|> text <|im_end|>` as ids [1, L] on the model's device (upstream `prepare_prompts`)."""
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         ids = [self.processor.im_start_token_id, *ids, self.processor.im_end_token_id]
-        return torch.tensor([ids], dtype=torch.long, device=self.model.device)
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     # --- transformers.Pipeline plumbing ---------------------------------------------------------------------------
 

@@ -48,3 +48,42 @@ def test_render_model_card(tmp_path):
     assert render_model_card(template, base="a/b", ratio=0.5) == "---\nbase_model: a/b\n---\nratio 0.5\n"
     with pytest.raises(ValueError, match="'ratio'"):
         render_model_card(Path(template), base="a/b")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_directory_gives_ordinary_modes(tmp_path, umask):
+    import os
+    import stat
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from g2tr_hf.hub import place_file
+
+    private = tmp_path / "private.bin"
+    private.write_bytes(b"weights")
+    private.chmod(0o600)
+    previous = os.umask(umask)
+    try:
+        with atomic_directory(tmp_path / "out") as staging:
+            (staging / "config.json").write_text("{}")
+            save_file({"w": torch.zeros(2)}, staging / "model.safetensors")  # safetensors writes 0o600
+            Path(tempfile.mkdtemp(dir=staging)).joinpath("nested.txt").write_text("x")  # mkdtemp: 0o700
+            place_file(private, staging / "copied.bin", "copy")
+            place_file(private, staging / "linked.bin", "hardlink")
+    finally:
+        os.umask(previous)
+
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    folder, file = 0o777 & ~umask, 0o666 & ~umask
+    out = tmp_path / "out"
+    assert mode(out) == folder
+    assert all(mode(path) == folder for path in out.iterdir() if path.is_dir())
+    assert mode(out / "config.json") == mode(out / "model.safetensors") == mode(out / "copied.bin") == file
+    assert all(mode(path) == file for path in out.rglob("nested.txt"))
+    # A hard link is the source file itself: its mode is the source's and stays untouched.
+    assert mode(out / "linked.bin") == mode(private) == 0o600
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "private.bin"]  # no probe or staging left

@@ -1,72 +1,267 @@
-"""The `g2tr-hf` command line. Not shipped to the Hub."""
+"""G2TR visual token reduction for BAGEL and InternVL-U: a demo that needs no download, checkpoint conversion,
+Hub-ready export, and BAGEL image editing and text-to-image. `g2tr-hf COMMAND --help` describes each command.
+"""
+
+# This module (not shipped with exported folders) imports only the standard library at module level, so that the
+# parser can be built and `--help` answered without torch, transformers, diffusers or PIL; every heavy import sits
+# inside the command that needs it. Note that the console script `g2tr_hf.cli:main` still imports the package
+# `g2tr_hf/__init__.py` (transformers and the models) before this module runs.
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import re
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 
 logger = logging.getLogger("g2tr_hf.cli")
 
+# `--model` names of the tiny random models (`g2tr_hf.tiny.TINY_MODELS`, which imports torch, hence the copy).
+TINY_MODEL_NAMES = {"tiny-bagel": "bagel", "tiny-internvlu": "internvlu"}
+TINY_MODEL_TYPES = {"bagel": "g2tr_bagel", "internvlu": "g2tr_internvl_u"}
+
+# The `model_type`s this package implements; after `import g2tr_hf` their Auto classes are registered, so folders
+# and repos of these types load with the installed classes and never run the code they ship.
+OWN_MODEL_TYPES = {"g2tr_bagel": "BAGEL", "g2tr_internvl_u": "InternVL-U"}
+
+# A Hub repo id (`owner/name`). Anything else that is not a local folder or a tiny name is refused without asking
+# the Hub, so that a typo in a path fails at once instead of after the Hub's connection timeouts.
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+DEBUG_HELP = "on an error, print the full message and traceback (not just one line)"
+
+
+class CLIError(Exception):
+    """A failure the user can fix: printed as one line `g2tr-hf COMMAND: error: MESSAGE`, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# --------------------------------------------------------------------------------------------------- model loading
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where `--model` points, found without loading anything: a tiny built-in model, a local folder or a Hub repo."""
+
+    name: str  # as given on the command line
+    kind: str  # "tiny", "folder" or "hub"
+    model_type: str | None  # config.json's `model_type`
+
+    @property
+    def location(self) -> str:
+        """What `from_pretrained` gets: the folder's path (`~` expanded) or the repo id."""
+        return str(Path(self.name).expanduser()) if self.kind == "folder" else self.name
+
+    @property
+    def label(self) -> str:
+        """How the reports name the model."""
+        if self.kind == "tiny":
+            return f"the tiny built-in {OWN_MODEL_TYPES[self.model_type]} (random weights: its outputs are meaningless)"
+        return self.name
+
+
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an error message (transformers' loading errors run to dozens of lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _config_model_type(config_file: Path, name: str) -> str | None:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CLIError(f"`--model`: cannot read the config.json of {name!r} ({_first_line(error)})") from None
+    if not isinstance(config, dict):
+        raise CLIError(f"`--model`: the config.json of {name!r} is not a JSON object")
+    return config.get("model_type")
+
+
+def _hub_config_model_type(repo_id: str) -> str | None:
+    """The `model_type` of a Hub repo, from its config.json alone (no weights are fetched before the checks)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        config_file = hf_hub_download(repo_id, "config.json")
+    except Exception as error:  # offline, unknown repo, gated, network down: all end the command the same way
+        raise CLIError(
+            f"`--model`: {repo_id!r} is not a local folder, and its config.json could not be fetched from the "
+            f"Hugging Face Hub ({type(error).__name__}: {_first_line(error)})"
+        ) from None
+    return _config_model_type(Path(config_file), repo_id)
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Check `--model` before anything heavy is loaded: a tiny name, a folder with a config.json, or `owner/name`."""
+    if name in TINY_MODEL_NAMES:
+        return ModelSource(name, "tiny", TINY_MODEL_TYPES[TINY_MODEL_NAMES[name]])
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CLIError(
+                f"`--model`: folder {name!r} has no config.json; expected a model folder written by "
+                "`g2tr-hf convert` or `g2tr-hf export`"
+            )
+        return ModelSource(name, "folder", _config_model_type(path / "config.json", name))
+    expected = (
+        f"expected a model folder (written by g2tr-hf convert or export), {_tiny_names()}, or a Hub repo id "
+        "(owner/name)"
+    )
+    if path.exists():
+        raise CLIError(f"`--model`: {name!r} is a file; {expected}")
+    if HUB_REPO_ID.match(name):
+        return ModelSource(name, "hub", _hub_config_model_type(name))
+    if any(separator in name for separator in ("/", "\\")) or name.startswith((".", "~")):
+        raise CLIError(f"`--model`: no folder {name!r}; {expected}")
+    raise CLIError(f"`--model`: {name!r} is neither a folder nor a tiny model name; {expected}")
+
+
+def _tiny_names() -> str:
+    return ", ".join(TINY_MODEL_NAMES)
+
+
+def _require_model_type(source: ModelSource, command: str, model_type: str) -> None:
+    """Refuse a model of another kind before loading it (`edit` on InternVL-U used to end in an AttributeError)."""
+    if source.model_type == model_type:
+        return
+    kind = f" ({OWN_MODEL_TYPES[source.model_type]})" if source.model_type in OWN_MODEL_TYPES else ""
+    raise CLIError(
+        f"`--model`: `g2tr-hf {command}` needs a {OWN_MODEL_TYPES[model_type]} model (model_type {model_type!r}); "
+        f"{source.name!r} has model_type {source.model_type!r}{kind}"
+    )
+
+
+def _trust_remote_code(source: ModelSource, trusted: bool) -> bool:
+    """Our own model types load with the installed classes; anything else runs the code it ships, which only an
+    explicit `--trust-remote-code` allows."""
+    if source.model_type in OWN_MODEL_TYPES:
+        return False
+    if not trusted:
+        raise CLIError(
+            f"`--model`: {source.name!r} has model_type {source.model_type!r}, which is not a g2tr_hf model "
+            f"({', '.join(OWN_MODEL_TYPES)}); loading it would run the Python code it ships: pass "
+            "--trust-remote-code if you trust that code"
+        )
+    return True
+
+
+def load_model(source: ModelSource, trusted: bool = False, **model_kwargs):
+    """`(model, processor)` of a resolved `--model`, in eval mode."""
+    if source.kind == "tiny":
+        from .tiny import build_tiny
+
+        return build_tiny(TINY_MODEL_NAMES[source.name])
+    trust_remote_code = _trust_remote_code(source, trusted)
+    import g2tr_hf  # noqa: F401  (registers our Auto classes: what makes trust_remote_code=False load our types)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            source.location, trust_remote_code=trust_remote_code, **model_kwargs
+        )
+        processor = AutoProcessor.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError) as error:
+        raise CLIError(f"`--model`: cannot load {source.name!r}: {_first_line(error)}") from None
+    return model.eval(), processor
+
+
+def _read_image(path: str, option: str = "--image"):
+    """Open and decode an image file up front, so that a bad path fails before any work or output."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, UnidentifiedImageError) as error:
+        raise CLIError(f"`{option}`: cannot read the image {path!r} ({_first_line(error)})") from None
+
+
+# ------------------------------------------------------------------------------------------------------------- demo
+
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import VIT_GRID, run_demo
+    from .demo import VIT_GRID, run_demo, synthetic_scene
     from .visualization import draw_kept_tokens
 
-    report = run_demo(ratio=args.ratio, min_keep=args.min_keep, seed=args.seed)
+    # Everything that can fail on a bad argument runs before the first line of the report is printed.
+    image = _read_image(args.image).convert("RGB") if args.image else synthetic_scene()
+    report = run_demo(ratio=args.ratio, min_keep=args.min_keep, seed=args.seed)  # checks --ratio / --min-keep
+    source = resolve_model(args.model) if args.model else resolve_model("tiny-bagel")
+    model, processor = load_model(source, args.trust_remote_code)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     draw_kept_tokens(report.image, (VIT_GRID, VIT_GRID), report.result.keep).save(output)
 
-    full_kv, reduced_kv = report.kv_bytes
-    full_flops, reduced_flops = report.prefill_flops
-    print("G2TR demo: reduction core on a synthetic 1024x1024 scene (random ViT/VAE-like features, no weights)")
-    print(f"  ViT tokens in / kept:        {report.tokens_in} / {report.tokens_kept}  (ratio {args.ratio})")
-    print(f"  reduction time (CPU):        {report.reduction_seconds * 1e3:.1f} ms")
-    print("  At BAGEL-7B-MoT LLM shapes, image block + 30-token question:")
-    print(f"    KV entries:                {report.kv_entries[0]} -> {report.kv_entries[1]}"
-          f"  ({full_kv / 2**20:.1f} MiB -> {reduced_kv / 2**20:.1f} MiB, {full_kv / reduced_kv:.2f}x)")
-    print(f"    prefill FLOPs:             {full_flops / 1e12:.2f} T -> {reduced_flops / 1e12:.2f} T"
-          f"  ({full_flops / reduced_flops:.2f}x, {100 * report.compute_saved:.1f}% saved)")
-    print(f"  kept tokens drawn to:        {output}")
-    _understanding_demo(args)
+    _print_reduction_report(report, args.ratio, output)
+    _understanding_demo(args, model, processor, source, image, report)
     return 0
 
 
-def _understanding_demo(args: argparse.Namespace) -> None:
-    """A real understanding request, unreduced and reduced: the tiny built-in BAGEL unless --model is given."""
-    from PIL import Image
+def _print_reduction_report(report, ratio: float, output: Path) -> None:
+    from .demo import QUESTION_TOKENS
 
-    from .demo import run_understanding, synthetic_scene
+    full_kv, reduced_kv = report.kv_bytes
+    full_flops, reduced_flops = report.prefill_flops
+    anchor = report.anchor_encode_flops
+    print("G2TR demo: the reduction on a synthetic 1024x1024 scene (random ViT/VAE-like features, no weights)")
+    print(f"  ViT tokens in / kept:        {report.tokens_in} / {report.tokens_kept}  (ratio {ratio})")
+    print(f"  reduction time (CPU):        {report.reduction_seconds * 1e3:.1f} ms")
+    print(f"  What this saves at BAGEL-7B-MoT shapes (analytic), one 1024x1024 image + a {QUESTION_TOKENS}-token "
+          "question:")
+    print(f"    KV entries after prefill:  {report.kv_entries[0]} -> {report.kv_entries[1]}"
+          f"  ({full_kv / 2**20:.1f} MiB -> {reduced_kv / 2**20:.1f} MiB in bf16, {full_kv / reduced_kv:.2f}x)")
+    print("                               counted: the image block (its ViT tokens + 2 markers), the question"
+          f" ({QUESTION_TOKENS} tokens")
+    print("                               + <|im_start|> <|im_end|>) and the <|im_start|> that opens the answer")
+    print(f"    LLM prefill FLOPs:         {full_flops / 1e12:.2f} T -> {reduced_flops / 1e12:.2f} T"
+          f"  ({full_flops / reduced_flops:.2f}x, {100 * report.compute_saved:.1f}% saved)")
+    print(f"    + anchor VAE encode:       {full_flops / 1e12:.2f} T -> {(reduced_flops + anchor) / 1e12:.2f} T"
+          f"  ({full_flops / (reduced_flops + anchor):.2f}x; the reduced side also encodes the image:"
+          f" {anchor / 1e12:.2f} T)")
+    print(f"  kept tokens drawn to:        {output}")
 
-    if args.model:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).eval()
-        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-        source = args.model
-    else:
-        from .tiny import build_tiny
+def _understanding_demo(args: argparse.Namespace, model, processor, source: ModelSource, image, report) -> None:
+    """A real understanding request, unreduced and reduced, through `model` (the tiny built-in BAGEL by default)."""
+    from .demo import prefill_time_note, readable_answer, run_understanding
 
-        model, processor = build_tiny("bagel")
-        source = "the tiny built-in BAGEL (random weights: its answers are meaningless)"
-    image = Image.open(args.image).convert("RGB") if args.image else synthetic_scene()
-    report = run_understanding(model, processor, image, args.question, args.ratio, args.max_new_tokens)
-    accounting, seconds = report.profile.accounting, report.profile.prefill_seconds
-    print(f"Understanding request through {source}:")
+    understanding = run_understanding(model, processor, image, args.question, args.ratio, args.max_new_tokens)
+    profile = understanding.profile
+    accounting, seconds = profile.accounting, profile.prefill_seconds
+    print(f"Understanding request through {source.label}:")
     print(f"  ViT tokens in / kept:        {sum(accounting.image_tokens)} / {sum(accounting.kept_tokens)}")
     print(f"  KV cache after prefill:      {accounting.kv_entries[0]} -> {accounting.kv_entries[1]} entries"
-          f" ({accounting.kv_ratio:.2f}x)")
+          f" ({accounting.kv_ratio:.2f}x; the whole prompt, image block and text)")
     print(f"  LLM prefill FLOPs:           {accounting.prefill_flops[0] / 1e9:.3g} G -> "
-          f"{accounting.prefill_flops[1] / 1e9:.3g} G, plus {report.profile.anchor_encode_flops / 1e9:.3g} G "
+          f"{accounting.prefill_flops[1] / 1e9:.3g} G, plus {profile.anchor_encode_flops / 1e9:.3g} G "
           "for the anchor VAE encode")
     print(f"  prefill time:                {seconds[0]:.3f} s -> {seconds[1]:.3f} s")
-    print(f"  answer at ratio 1.0:         {report.answers[0]!r}")
-    print(f"  answer at ratio {args.ratio}:         {report.answers[1]!r}")
+    for line in prefill_time_note(profile, report):
+        print(f"    {line}")
+    answers = [readable_answer(answer) for answer in understanding.answers]
+    if source.kind == "tiny":
+        print("  answers (random weights, so they are meaningless; bytes that are not valid UTF-8 are dropped):")
+    elif any("\ufffd" in answer for answer in understanding.answers):
+        print("  answers (bytes that are not valid UTF-8 are dropped):")
+    for ratio, answer in zip((1.0, args.ratio), answers):
+        label = f"answer at ratio {ratio}:"
+        print(f"  {label:<28} {answer}")
+
+
+# ------------------------------------------------------------------------------------------------ convert / export
 
 
 def _default_model_card(name: str) -> Path | None:
@@ -111,28 +306,43 @@ pipeline_tag: image-text-to-text
 tags: [custom_code, g2tr, token-reduction, multimodal, tiny-random]
 ---
 
-# Tiny random BAGEL with G2TR (for tests)
+# Tiny random $title with G2TR (for tests)
 
-Random weights, built by `g2tr_hf.build_tiny("bagel")`: it exercises the remote-code path
-(`trust_remote_code=True`) and the pipeline, and its answers are meaningless.
+Random weights, built by `g2tr_hf.build_tiny("$name")`: it exercises the remote-code path
+(`trust_remote_code=True`)$pipeline, and its answers are meaningless.
 """
+
+
+def _tiny_export_card(name: str) -> str:
+    from string import Template
+
+    title = OWN_MODEL_TYPES[TINY_MODEL_TYPES[name]]
+    pipeline = " and the pipeline" if name == "bagel" else ""
+    return Template(TINY_EXPORT_CARD).substitute(title=title, name=name, pipeline=pipeline)
+
+
+def _source_model_card(source: ModelSource) -> str | None:
+    """The README.md that travels with a re-exported model (None: `export` writes a generic card)."""
+    if source.kind == "tiny":
+        return _tiny_export_card(TINY_MODEL_NAMES[source.name])
+    if source.kind == "folder":
+        readme = Path(source.location) / "README.md"
+        return readme.read_text(encoding="utf-8") if readme.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(source.name, "README.md")).read_text(encoding="utf-8")
+    except Exception:  # a repo without a card (or one that cannot be fetched now) gets the generic card
+        logger.info("no README.md fetched from %s: the export gets a generic model card", source.name)
+        return None
 
 
 def _export(args: argparse.Namespace) -> int:
     from .hub import export
 
-    if args.model == "tiny-bagel":
-        from .tiny import build_tiny
-
-        model, processor = build_tiny("bagel")
-        card = TINY_EXPORT_CARD
-    else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True)
-        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-        readme = Path(args.model) / "README.md"
-        card = readme.read_text(encoding="utf-8") if readme.is_file() else None
+    source = resolve_model(args.model)
+    model, processor = load_model(source, args.trust_remote_code)
+    card = _source_model_card(source)
     if args.ratio is not None:
         model.config.g2tr_ratio = args.ratio
         model.config.validate_g2tr()
@@ -144,7 +354,7 @@ def _export(args: argparse.Namespace) -> int:
 def _model_subcommands(commands: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:
     """The per-model sub-commands of `g2tr-hf <name> <model> ...`, creating `<name>` on first use so that several
     models (convert bagel, convert internvlu, ...) can register under one command."""
-    parser = commands.choices.get(name) or commands.add_parser(name, help=help_text)
+    parser = commands.choices.get(name) or commands.add_parser(name, help=help_text, description=help_text)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return action
@@ -165,8 +375,17 @@ def _add_convert_arguments(parser: argparse.ArgumentParser, source_help: str, we
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
 
+def _add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a --model that is not a g2tr_hf model type to run the Python code it ships (g2tr_hf folders "
+        "and repos never need it: they load with the installed classes)",
+    )
+
+
 def _add_bagel_file_commands(commands: argparse._SubParsersAction) -> None:
-    """`g2tr-hf convert bagel SRC DST` and `g2tr-hf export --model PATH_OR_tiny-bagel DST`."""
+    """`g2tr-hf convert bagel SRC DST` and `g2tr-hf export --model MODEL DST`."""
     convert = _model_subcommands(commands, "convert", "convert an official checkpoint into a loadable folder")
     bagel = convert.add_parser("bagel", help="a ByteDance-Seed/BAGEL-7B-MoT snapshot folder")
     _add_convert_arguments(
@@ -182,9 +401,15 @@ def _add_bagel_file_commands(commands: argparse._SubParsersAction) -> None:
 
     export = commands.add_parser("export", help="write a Hub-ready folder that loads with trust_remote_code=True")
     export.add_argument("destination", help="folder to write (atomically)")
-    export.add_argument("--model", required=True, help="a g2tr_hf model folder, or tiny-bagel (random, for tests)")
+    export.add_argument(
+        "--model",
+        required=True,
+        help=f"a g2tr_hf model folder, a Hub repo id (owner/name), or {' / '.join(TINY_MODEL_NAMES)} (random, for "
+        "tests)",
+    )
     export.add_argument("--ratio", type=float, default=None, help="g2tr_ratio to store (default: the model's)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    _add_trust_remote_code(export)
     export.set_defaults(run=_export)
 
 
@@ -209,24 +434,22 @@ def _add_internvlu_file_commands(commands: argparse._SubParsersAction) -> None:
     internvlu.set_defaults(run=_convert_internvlu)
 
 
-def _bagel_pipeline(args: argparse.Namespace):
-    """The BAGEL editing / generation pipeline of `--model`, or of the tiny built-in BAGEL; and a description."""
+# ------------------------------------------------------------------------------------------------ edit / generate
+
+
+def _bagel_pipeline(args: argparse.Namespace, command: str):
+    """The BAGEL editing / generation pipeline of `--model` (default: the tiny built-in BAGEL); and a description."""
+    source = resolve_model(args.model or "tiny-bagel")
+    _require_model_type(source, command, "g2tr_bagel")
+    model_kwargs = {} if source.kind == "tiny" else {"dtype": args.dtype}
+    model, processor = load_model(source, args.trust_remote_code, **model_kwargs)
     from .pipeline_bagel import G2TRBagelPipeline
 
     if args.model:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        model = AutoModelForImageTextToText.from_pretrained(
-            args.model, trust_remote_code=True, dtype=args.dtype
-        ).eval()
-        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-        source = args.model
+        label = source.label
     else:
-        from .tiny import build_tiny
-
-        model, processor = build_tiny("bagel")
-        source = "the tiny built-in BAGEL (no --model given; random weights, so the image is noise)"
-    return G2TRBagelPipeline(model=model, processor=processor, device=args.device), source
+        label = "the tiny built-in BAGEL (no --model given; random weights, so the image is noise)"
+    return G2TRBagelPipeline(model=model, processor=processor, device=args.device), label
 
 
 def _image_generation_settings(args: argparse.Namespace) -> dict:
@@ -260,14 +483,9 @@ def _edit(args: argparse.Namespace) -> int:
     import time
 
     import torch
-    from PIL import Image
 
-    pipe, source = _bagel_pipeline(args)
-    try:
-        image = Image.open(args.image)
-        image.load()
-    except OSError as error:
-        raise ValueError(f"`--image`: cannot read {args.image!r}: {error}") from None
+    image = _read_image(args.image)
+    pipe, source = _bagel_pipeline(args, "edit")
     start = time.perf_counter()
     output = pipe(
         prompt=args.prompt,
@@ -285,7 +503,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    pipe, source = _bagel_pipeline(args)
+    pipe, source = _bagel_pipeline(args, "generate")
     start = time.perf_counter()
     output = pipe(
         prompt=args.prompt,
@@ -298,7 +516,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _add_image_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="a g2tr_hf BAGEL folder or Hub repo (default: the tiny built-in BAGEL)")
+    parser.add_argument(
+        "--model", help="a g2tr_hf BAGEL folder, a Hub repo id (owner/name) or tiny-bagel (the default)"
+    )
     parser.add_argument("--prompt", required=True, help="the instruction")
     parser.add_argument("--steps", type=int, default=50, help="points on the flow schedule (default 50: 49 steps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
@@ -317,6 +537,7 @@ def _add_image_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="weights dtype for --model"
     )
+    _add_trust_remote_code(parser)
 
 
 def _add_bagel_image_commands(commands: argparse._SubParsersAction) -> None:
@@ -336,34 +557,128 @@ def _add_bagel_image_commands(commands: argparse._SubParsersAction) -> None:
     generate.set_defaults(run=_generate)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="g2tr-hf", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+# ------------------------------------------------------------------------------------------------------ the parser
 
-    demo = commands.add_parser("demo", help="run G2TR on the built-in example (no download)")
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """The parsers that run a command (`demo`, `convert bagel`, ...), depth first."""
+    subcommands = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    if not subcommands:
+        yield parser
+    for action in subcommands:
+        for child in dict.fromkeys(action.choices.values()):  # aliases would list a parser twice
+            yield from _leaf_parsers(child)
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    """`--debug` before or after the command name. The leaves' default is SUPPRESS so that they do not overwrite
+    a `--debug` given before the command (argparse applies sub-parser defaults last)."""
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    for leaf in _leaf_parsers(parser):
+        if leaf is not parser:
+            leaf.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+            leaf.set_defaults(command_name=leaf.prog)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="g2tr-hf", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run G2TR on the built-in example (no download)",
+        description="Reduce a synthetic scene's ViT tokens, account for the savings at BAGEL-7B-MoT shapes, then "
+        "run one understanding request unreduced and reduced (by default through a tiny random BAGEL).",
+    )
     demo.add_argument("--ratio", type=float, default=0.5, help="keep ratio in (0, 1] (default 0.5)")
     demo.add_argument("--min-keep", type=int, default=32, help="minimum kept tokens per image (default 32)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic features")
     demo.add_argument("-o", "--output", default="g2tr_demo_kept_tokens.png", help="where to write the PNG")
-    demo.add_argument("--model", help="a g2tr_hf model folder or Hub repo (default: the tiny built-in BAGEL)")
+    demo.add_argument(
+        "--model",
+        help=f"a g2tr_hf model folder, a Hub repo id (owner/name) or {' / '.join(TINY_MODEL_NAMES)} "
+        "(default: tiny-bagel)",
+    )
     demo.add_argument("--image", help="image to ask about (default: the synthetic scene)")
     demo.add_argument("--question", default="Describe this image.", help="the question")
     demo.add_argument("--max-new-tokens", type=int, default=16, help="answer length (default 16)")
+    _add_trust_remote_code(demo)
     demo.set_defaults(run=_demo)
     _add_bagel_file_commands(commands)
     _add_internvlu_file_commands(commands)
     _add_bagel_image_commands(commands)
+    _add_common_options(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+# --------------------------------------------------------------------------------------------------------- logging
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (a redirected or captured stream included)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always answers sys.stderr
+        pass
+
+
+@contextlib.contextmanager
+def _package_logging(debug: bool) -> Iterator[None]:
+    """Show g2tr_hf's INFO messages (DEBUG with --debug) on stderr while a command runs.
+
+    The handler goes on the `g2tr_hf` logger, not on the root logger: transformers and huggingface_hub print their
+    warnings with handlers of their own, and huggingface_hub's logger also propagates to the root, so a root handler
+    (what `logging.basicConfig` adds) printed every huggingface_hub warning a second time. The logger's state is
+    restored afterwards, so calling `main` in-process (tests, notebooks) leaves logging as it was.
+    """
+    package_logger = logging.getLogger("g2tr_hf")
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.DEBUG if debug else logging.INFO)
     try:
-        return args.run(args)
-    except ValueError as error:
-        print(f"g2tr-hf {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+
+def _error_message(error: BaseException) -> str:
+    """One line for any exception escaping a command. The expected kinds carry a user-facing message; anything else
+    is named by its type, and a message cut to its first line points at --debug."""
+    expected = isinstance(error, (CLIError, ValueError, OSError, ImportError))
+    message = _first_line(error) if expected else f"{type(error).__name__}: {_first_line(error)}"
+    if not expected or len(str(error).strip().splitlines()) > 1:
+        message += " (run with --debug for the full message and traceback)"
+    return message
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `g2tr-hf`. Returns the exit status: 0, or 2 after a one-line error on stderr (argparse's own usage
+    errors exit with status 2 from `parse_args`)."""
+    args = build_parser().parse_args(argv)
+    command = getattr(args, "command_name", f"g2tr-hf {args.command}")
+    with _package_logging(args.debug):
+        try:
+            return args.run(args)
+        except KeyboardInterrupt:
+            if args.debug:
+                traceback.print_exc()
+            print(f"{command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:  # noqa: BLE001 -- every failure ends as one line (the traceback on --debug)
+            if args.debug:
+                traceback.print_exc()
+            print(f"{command}: error: {_error_message(error)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -39,12 +41,62 @@ __all__ = [
 MODEL_AUTO_CLASSES = ("AutoModel", "AutoModelForImageTextToText")
 
 
+def _new_sibling(target: Path, tag: str) -> Path:
+    """Create an empty, uniquely named hidden sibling of `target` with a plain `os.mkdir`, so that it gets the mode
+    of any folder the user makes (0o777 less the umask). `tempfile.mkdtemp` makes it 0o700, and renaming the staging
+    folder into place would publish that private mode."""
+    for _ in range(100):
+        candidate = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not create a {tag} folder next to {str(target)!r}")
+
+
+def _ordinary_file_mode(folder: Path) -> int:
+    """The permission bits of a file newly written in `folder` (0o666 less the umask, or what a default ACL says),
+    found by writing one: reading the umask with `os.umask` would change it for every thread for a moment."""
+    probe = folder / f".mode-probe-{secrets.token_hex(4)}"
+    descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(descriptor).st_mode)
+    finally:
+        os.close(descriptor)
+        probe.unlink()
+
+
+def _ordinary_modes(folder: Path) -> None:
+    """Give everything written under `folder` the mode of an ordinary write under the user's umask.
+
+    Some writers create private files: safetensors' `save_file` writes 0o600 weights, `mkdtemp` 0o700 folders.
+    Execute bits a file has are kept where the umask allows them. A hard link (more than one name for its inode)
+    keeps its mode: it IS the source file (a converted checkpoint's weights), whose mode is not ours to change.
+    Symbolic links have no mode of their own.
+    """
+    file_mode = _ordinary_file_mode(folder)
+    folder_mode = stat.S_IMODE(folder.stat().st_mode)
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, folder_mode)
+        for name in files:
+            path = os.path.join(root, name)
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                os.chmod(path, file_mode | (stat.S_IMODE(info.st_mode) & 0o111 & folder_mode))
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to fill; it becomes `path` only if the block finishes without error.
 
     A failure (or an interrupt) removes the temporary folder, so `path` is never left half-written. With
-    `overwrite=True` an existing `path` is replaced; otherwise an existing non-empty `path` is an error.
+    `overwrite=True` an existing `path` is replaced; otherwise an existing non-empty `path` is an error. The folder
+    and what was written into it get the modes of an ordinary `mkdir` and file write under the user's umask
+    (hard-linked files keep their source's mode).
     """
     target = Path(path)
     if target.exists() and not target.is_dir():
@@ -52,9 +104,10 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ValueError(f"`path` {str(target)!r} exists and is not empty; pass overwrite=True to replace it.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging = _new_sibling(target, "partial")
     try:
         yield staging
+        _ordinary_modes(staging)
         if target.exists():
             # Move the old folder aside first so that `target` is always either the old or the new content.
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -73,13 +126,15 @@ def place_file(source: str | os.PathLike, target: str | os.PathLike, link: str =
     fails, e.g. across file systems), "symlink" or "copy".
 
     A Hub cache snapshot holds relative symbolic links into its blobs folder, so the file they point at is linked,
-    never the link itself (a hard link of a relative link would dangle in the destination).
+    never the link itself (a hard link of a relative link would dangle in the destination). A copy is a new file
+    with the mode of an ordinary write (the source's mode, e.g. a private 0o600, is not carried over); a hard link
+    is the source file itself and so shares its mode.
     """
     if link not in ("hardlink", "symlink", "copy"):
         raise ValueError(f"`link` must be 'hardlink', 'symlink' or 'copy', got {link!r}.")
     source, target = Path(source).resolve(), Path(target)
     if link == "copy":
-        shutil.copy2(source, target)
+        shutil.copyfile(source, target)
         return
     if link == "hardlink":
         try:
@@ -109,10 +164,14 @@ def remote_code_files(classes: Iterable[type]) -> list[Path]:
 
 
 def write_remote_code(folder: str | os.PathLike, classes: Iterable[type]) -> list[Path]:
-    """Copy the flat module files of `classes` (and their siblings) into `folder`. Returns the written paths."""
+    """Copy the flat module files of `classes` (and their siblings) into `folder`. Returns the written paths.
+
+    The copies are ordinary new files (mode from the umask), not copies of the installed files' modes, which may be
+    read-only or private in a system or user site-packages.
+    """
     written = []
     for source in remote_code_files(classes):
-        written.append(Path(shutil.copy2(source, Path(folder) / source.name)))
+        written.append(Path(shutil.copyfile(source, Path(folder) / source.name)))
     return written
 
 

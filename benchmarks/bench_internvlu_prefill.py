@@ -116,7 +116,8 @@ def unreduced_stage_flops() -> tuple[int, int]:
         model = G2TRInternVLUForConditionalGeneration(G2TRInternVLUConfig(vae_config=QWEN_IMAGE_VAE_CONFIG))
         pixels = torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE)
         vit = meta_flops(lambda: model.get_image_features(pixels).pooler_output)
-        vae = meta_flops(lambda: model.vae.encode(pixels.unsqueeze(2)).latent_dist.mode())
+        # What the model runs for the anchors: the single-frame (2-D) encode of the Qwen-Image VAE.
+        vae = meta_flops(lambda: model.model.encode_vae_latents(pixels))
     return vit, vae
 
 

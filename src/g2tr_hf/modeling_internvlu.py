@@ -41,13 +41,19 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 from transformers.utils.import_utils import is_diffusers_available
 
-from .compat import CACHE_KWARG, drop_parallel_plans, output_cache, pop_cache_argument, register_checkpoint_renames
+from .compat import (
+    CACHE_KWARG,
+    drop_parallel_plans,
+    execution_device,
+    output_cache,
+    pop_cache_argument,
+    register_checkpoint_renames,
+)
 from .configuration_internvlu import SPECIAL_TOKENS, G2TRInternViTConfig, G2TRInternVLUConfig
 from .generation_g2tr import (
     G2TRGenerationMixin,
     as_compact_cache,
     cached_layout,
-    compact_targets,
     compaction_index,
     continuation_image_index,
     ids_from_embeddings,
@@ -60,6 +66,7 @@ from .reduction import (
     reduce_tokens,
     reduces_anything,
 )
+from .vae_single_frame import UnsupportedVAEError, encode_single_frame_mode
 
 
 if is_diffusers_available():
@@ -488,13 +495,29 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
             [N, z_dim, H/8, W/8] latents, `(z - latents_mean) / latents_std`, in the VAE dtype.
         """
         vae = self.vae
-        pixels = vae_pixel_values.to(device=vae.device, dtype=vae.dtype)
-        # The causal 3-D VAE takes a time axis: one frame per image.
-        latents = torch.cat(
-            [vae.encode(chunk.unsqueeze(2)).latent_dist.mode() for chunk in pixels.split(_VAE_ENCODE_CHUNK)]
-        )[:, :, 0]
-        mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype)
-        std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype)
+        device = execution_device(vae)
+        pixels = vae_pixel_values.to(device=device, dtype=vae.dtype)
+        chunks = pixels.split(_VAE_ENCODE_CHUNK)
+        if device is None:
+            # Offloaded by accelerate: its weights reach the convolutions only through the modules' own calls.
+            return self._normalize_latents(
+                torch.cat([vae.encode(chunk.unsqueeze(2)).latent_dist.mode() for chunk in chunks])[:, :, 0]
+            )
+        try:
+            # One frame per image: the causal 3-D encoder is then a 2-D one with each kernel's last temporal slice,
+            # the same numbers for about a third of the convolution FLOPs (`vae_single_frame`).
+            latents = torch.cat([encode_single_frame_mode(vae, chunk) for chunk in chunks])
+        except UnsupportedVAEError as error:
+            logger.warning_once(f"{error} Using the 3-D `vae.encode` for the G2TR anchors.")
+            # The causal 3-D VAE takes a time axis: one frame per image.
+            latents = torch.cat([vae.encode(chunk.unsqueeze(2)).latent_dist.mode() for chunk in chunks])[:, :, 0]
+        return self._normalize_latents(latents)
+
+    def _normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """[N, z_dim, h, w] posterior modes -> `(z - latents_mean) / latents_std` per channel."""
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean, device=latents.device, dtype=latents.dtype)
+        std = torch.tensor(config.latents_std, device=latents.device, dtype=latents.dtype)
         return (latents - mean[None, :, None, None]) / std[None, :, None, None]
 
     def get_latent_anchors(
@@ -580,8 +603,9 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
         ids = torch.tensor(self.config.special_token_ids, device=input_ids.device)
         matches = input_ids[..., None] == ids  # [B, L, 10]
         slot = matches.long().argmax(dim=-1)
-        table = self.special_token_embedding.weight.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
-        return torch.where(matches.any(dim=-1, keepdim=True), table[slot], inputs_embeds)
+        # Through the module's call, not its `.weight`: an offloaded table is only loaded by its own hook.
+        rows = self.special_token_embedding(slot).to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        return torch.where(matches.any(dim=-1, keepdim=True), rows, inputs_embeds)
 
     def image_placeholder_mask(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] bool: the `<IMG_CONTEXT>` slots of the prompt. A placeholder counts only inside an `<img> ...
@@ -875,22 +899,8 @@ class G2TRInternVLUForConditionalGeneration(G2TRGenerationMixin, G2TRInternVLUPr
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None or shift_labels is not None:
-            labels, shift_labels = compact_targets(outputs.kept_token_mask, labels, shift_labels)
-            loss = self.loss_function(
-                logits=logits,
-                labels=labels,
-                shift_labels=shift_labels,
-                vocab_size=self.config.text_config.vocab_size,
-                **kwargs,
-            )
+        vocab_size = self.config.text_config.vocab_size
+        logits, loss = self._logits_and_loss(outputs, logits_to_keep, labels, shift_labels, vocab_size, **kwargs)
         output = G2TRInternVLUCausalLMOutputWithPast(
             loss=loss,
             logits=logits,

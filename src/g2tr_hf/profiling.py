@@ -253,6 +253,28 @@ def _median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _count_anchor_encode(model, run):
+    """`run()` and the FLOPs of the base model's `encode_vae_latents` calls inside it (however the encode is done:
+    InternVL-U's single-frame path convolves functionally, outside any VAE module)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base = model.model
+    encode, flops = base.encode_vae_latents, 0
+
+    def counted(*args, **kwargs):
+        nonlocal flops
+        with FlopCounterMode(display=False) as counter:
+            output = encode(*args, **kwargs)
+        flops += counter.get_total_flops()
+        return output
+
+    base.encode_vae_latents = counted
+    try:
+        return run(), flops
+    finally:
+        del base.encode_vae_latents
+
+
 def profile_request(model, inputs: Mapping[str, torch.Tensor], *, g2tr_ratio: float | None = None, repeats: int = 3):
     """Profile one prefill of a g2tr_hf model (BAGEL or InternVL-U) at ratio 1.0 and at `g2tr_ratio`.
 
@@ -263,16 +285,13 @@ def profile_request(model, inputs: Mapping[str, torch.Tensor], *, g2tr_ratio: fl
         repeats: timed prefills per ratio (after one warm-up).
     Returns:
         `RequestProfile`. The kept counts come from the model's own reduction plans; the anchor encode FLOPs are
-        what FlopCounterMode attributes to the model's `vae` module during the reduced prefill.
+        what FlopCounterMode counts inside the backbone's `encode_vae_latents` during the reduced prefill.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     if inputs["input_ids"].shape[0] != 1:
         raise ValueError(f"`inputs` must hold one request (batch 1), got batch {inputs['input_ids'].shape[0]}.")
     ratio = model.config.resolve_g2tr_ratio(g2tr_ratio)
     with torch.inference_mode():
-        with FlopCounterMode(display=False) as counter:
-            reduced = model(**inputs, use_cache=True, g2tr_ratio=ratio)
+        reduced, anchor_flops = _count_anchor_encode(model, lambda: model(**inputs, use_cache=True, g2tr_ratio=ratio))
         seconds = tuple(
             _median_seconds(lambda r=r: model(**inputs, use_cache=True, g2tr_ratio=r), repeats) for r in (1.0, ratio)
         )
@@ -293,12 +312,4 @@ def profile_request(model, inputs: Mapping[str, torch.Tensor], *, g2tr_ratio: fl
         kept_image_tokens=kept,
         bidirectional_images=bidirectional,
     )
-    # `vae.encode` is called directly (not `vae.forward`), so sum the VAE's immediate children; deeper names are
-    # already contained in theirs. Counter names are "<model class>.<module path>".
-    vae_path = next((name for name, module in model.named_modules() if module is model.vae), "vae").split(".")
-    vae_flops = sum(
-        sum(counts.values())
-        for name, counts in counter.get_flop_counts().items()
-        if name.split(".")[1 : 1 + len(vae_path)] == vae_path and name.count(".") == len(vae_path) + 1
-    )
-    return RequestProfile(ratio, accounting, int(vae_flops), (seconds[0], seconds[1]))
+    return RequestProfile(ratio, accounting, int(anchor_flops), (seconds[0], seconds[1]))

@@ -1,7 +1,7 @@
 """A literal, loop-based restatement of the official G2TR selection and merge (docs/algorithm.md).
 
-Written from a description of the official code for tests and for `benchmarks/bench_reduction.py`: one Python iteration per
-latent cell with a masked argmax over the whole image, `topk` for the seeds and the fill, and a `scatter_add`
+Written from a description of the official code for tests and for `benchmarks/bench_reduction.py`: one Python
+iteration per latent cell with a masked argmax over the whole image, `topk` for the seeds and the fill, and a `scatter_add`
 merge. It is deliberately slow and must agree with `g2tr_hf.reduction` on inputs without score ties.
 """
 

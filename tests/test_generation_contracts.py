@@ -188,8 +188,8 @@ def test_shift_labels_are_honoured(tiny):
     _, model, _, inputs = tiny
     ids = inputs["input_ids"]
     config = model.config
-    markers = [config.image_token_id, *[getattr(config, key) for key in (
-        "vision_start_token_id", "vision_end_token_id", "image_start_token_id", "image_end_token_id") if hasattr(config, key)]]
+    marker_names = ("vision_start_token_id", "vision_end_token_id", "image_start_token_id", "image_end_token_id")
+    markers = [config.image_token_id, *[getattr(config, key) for key in marker_names if hasattr(config, key)]]
     labels = ids.masked_fill(torch.isin(ids, torch.tensor(markers)), -100)
     shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     for ratio in RATIOS:

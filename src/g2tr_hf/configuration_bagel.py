@@ -1,8 +1,8 @@
 """`G2TRBagelConfig`: configuration of BAGEL-7B-MoT (ByteDance-Seed/BAGEL-7B-MoT) with G2TR token reduction.
 
-The defaults are the real checkpoint's values (its `llm_config.json`, `vit_config.json` and FLUX AE): a Qwen2.5-7B Mixture-of-
-Transformers decoder with QK-norm, a 26-layer NaViT SigLIP-so400m/14 and the FLUX.1 autoencoder. Tiny test models are
-built by passing small sub-configs.
+The defaults are the real checkpoint's values (its `llm_config.json`, `vit_config.json` and FLUX AE): a Qwen2.5-7B
+Mixture-of-Transformers decoder with QK-norm, a 26-layer NaViT SigLIP-so400m/14 and the FLUX.1 autoencoder. Tiny
+test models are built by passing small sub-configs.
 """
 
 from __future__ import annotations

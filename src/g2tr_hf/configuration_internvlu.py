@@ -38,8 +38,8 @@ SPECIAL_TOKENS = (
 )
 
 # Token ids of the official tokenizer. `<|im_start|>`, `<|im_end|>`, `<img>`, `</img>` and `<IMG_CONTEXT>` are
-# confirmed by a third-party implementation (vLLM-Omni); the other special-token ids follow the InternVL3.5 added-token order and are
-# UNVERIFIED: check them against `processor/tokenizer.json` on first load of the real checkpoint.
+# confirmed by a third-party implementation (vLLM-Omni); the other special-token ids follow the InternVL3.5
+# added-token order and are UNVERIFIED: check them against `processor/tokenizer.json` on first load of the real checkpoint.
 _OFFICIAL_TOKEN_IDS = {
     "<|endoftext|>": 151643,
     "<|im_start|>": 151644,

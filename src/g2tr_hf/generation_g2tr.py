@@ -137,8 +137,9 @@ class CompactCacheMixin:
             target = tokens_to_remove - dropped
             if target < 0:
                 raise ValueError(
-                    f"Cannot crop this cache to {tokens_to_remove} positions: its first {dropped + self.stored_length()}"
-                    " positions hold reduced image blocks, which cannot be cut apart. Crop only generated text."
+                    f"Cannot crop this cache to {tokens_to_remove} positions: its first "
+                    f"{dropped + self.stored_length()} positions hold reduced image blocks, which cannot be cut "
+                    "apart. Crop only generated text."
                 )
             tokens_to_remove = min(0, target - int(self.stored_length()))
         super().crop(tokens_to_remove)

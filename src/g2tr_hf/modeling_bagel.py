@@ -42,7 +42,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 from transformers.utils.import_utils import is_diffusers_available
 
-from .compat import CACHE_KWARG, drop_parallel_plans, execution_device, output_cache, pop_cache_argument, register_checkpoint_renames
+from .compat import (
+    CACHE_KWARG,
+    drop_parallel_plans,
+    execution_device,
+    output_cache,
+    pop_cache_argument,
+    register_checkpoint_renames,
+)
 from .configuration_bagel import G2TRBagelConfig
 from .generation_g2tr import (
     CacheLayout,
@@ -1300,7 +1307,8 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         # cache needs no mask; a static cache always does (its unwritten tail must stay hidden).
         mask_4d = None
         static_cache = bool(getattr(past_key_values, "is_compileable", False))
-        if inputs_embeds.shape[1] > 1 or static_cache or not (bool(new_mask.all()) and bool(layout.attention_mask.all())):
+        all_real = bool(new_mask.all()) and bool(layout.attention_mask.all())
+        if inputs_embeds.shape[1] > 1 or static_cache or not all_real:
             mask_4d = block_causal_mask(layout.attention_mask.to(device), new_mask, block_ids)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,

@@ -50,8 +50,7 @@ def test_the_console_entry_point_answers_help_without_importing_the_package():
     commands = [[]] + _leaf_commands()
     code = textwrap.dedent(
         f"""
-        import sys, time
-        start = time.perf_counter()
+        import sys
         import g2tr_hf_cli
         for words in {commands!r}:
             try:
@@ -62,15 +61,13 @@ def test_the_console_entry_point_answers_help_without_importing_the_package():
             g2tr_hf_cli.main(["demo", "--ratio", "abc"])
         except SystemExit as exit:
             assert exit.code == 2
-        print("SECONDS", time.perf_counter() - start)
         print("HEAVY", [name for name in {(*HEAVY_MODULES, "g2tr_hf")!r} if name in sys.modules])
         """
     )
     result = _run_python(code)
     assert result.returncode == 0, result.stderr
-    report = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("SECONDS", "HEAVY")))
+    report = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith("HEAVY"))
     assert report["HEAVY"] == "[]"
-    assert float(report["SECONDS"]) < 2.0
     assert "--ratio" in result.stderr and "abc" in result.stderr
 
 
@@ -91,15 +88,13 @@ def test_help_imports_nothing_heavy_before_parsing():
                 cli.main(words + ["--help"])
             except SystemExit as exit:
                 assert exit.code == 0, (words, exit.code)
-        print("SECONDS", time.perf_counter() - start)
         print("HEAVY", [name for name in {HEAVY_MODULES!r} if name in sys.modules])
         """
     )
     result = _run_python(code)
     assert result.returncode == 0, result.stderr
-    report = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("SECONDS", "HEAVY")))
+    report = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith("HEAVY"))
     assert report["HEAVY"] == "[]"
-    assert float(report["SECONDS"]) < 2.0  # about 0.05 s on an idle machine, for all the helps together
     assert len(commands) >= 6  # demo, convert bagel, convert internvlu, export, edit, generate
 
 

@@ -36,7 +36,8 @@ def test_no_tracked_file_names_a_path_outside_the_repository():
 
 
 def test_every_markdown_file_a_doc_names_exists():
-    """`docs/x.md`, `model_cards/y.md` and the like, named anywhere, exist in the repository."""
+    """Every Markdown or Python file of docs, model_cards, benchmarks, examples or tests that a tracked file names
+    exists in the repository."""
     named = re.compile(r"\b((?:docs|model_cards|benchmarks|examples|tests)/[\w./-]+\.(?:md|py))\b")
     missing = set()
     for path in tracked_text_files():

@@ -44,6 +44,7 @@ from g2tr_hf.configuration_internvlu import QWEN_IMAGE_VAE_CONFIG, G2TRInternVLU
 from g2tr_hf.modeling_internvlu import G2TRInternVLUForConditionalGeneration
 from g2tr_hf.profiling import INTERNVLU_LLM, Segment, kv_cache_bytes, prefill_flops
 from g2tr_hf.reduction import keep_count, reduce_tokens
+from g2tr_hf.vae_single_frame import encode_single_frame_mode
 
 
 RATIOS = (1.0, 0.5)
@@ -116,8 +117,9 @@ def unreduced_stage_flops() -> tuple[int, int]:
         model = G2TRInternVLUForConditionalGeneration(G2TRInternVLUConfig(vae_config=QWEN_IMAGE_VAE_CONFIG))
         pixels = torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE)
         vit = meta_flops(lambda: model.get_image_features(pixels).pooler_output)
-        # What the model runs for the anchors: the single-frame (2-D) encode of the Qwen-Image VAE.
-        vae = meta_flops(lambda: model.model.encode_vae_latents(pixels))
+        # What the model runs for the anchors: the single-frame (2-D) encode of the Qwen-Image VAE. (Called directly:
+        # on the meta device the model would take every weight for an offloaded one and use the 3-D encode.)
+        vae = meta_flops(lambda: encode_single_frame_mode(model.model.vae, pixels))
     return vit, vae
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import logging
 
 from .compat import CACHE_KWARG, pop_cache_argument
@@ -48,6 +48,7 @@ __all__ = [
     "continuation_image_index",
     "ids_from_embeddings",
     "inside_blocks",
+    "open_compact_cache",
     "stored_length",
 ]
 
@@ -216,6 +217,28 @@ def cached_layout(
             f"The KV cache holds {layout.attention_mask.shape[0]} rows but the inputs have {batch_size}."
         )
     return layout.cropped(length)
+
+
+def open_compact_cache(
+    cache: Cache | None,
+    use_cache: bool,
+    text_config,
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    length: int,
+    device: torch.device,
+) -> tuple[Cache | None, CacheLayout, torch.Tensor]:
+    """The start of every G2TR forward: the cache to write (a new `DynamicCache` when `use_cache` and none is given,
+    made compact), the layout of what it already holds, and the mask of the `length` new tokens [B, L] bool (the last
+    columns of the caller's 2-D `attention_mask`, all True without one)."""
+    if use_cache and cache is None:
+        cache = DynamicCache(config=text_config)
+    if cache is not None:
+        as_compact_cache(cache)
+    layout = cached_layout(cache, batch_size, device, attention_mask)
+    if attention_mask is None:
+        return cache, layout, torch.ones(batch_size, length, dtype=torch.bool, device=device)
+    return cache, layout, attention_mask[:, -length:].to(device).bool()
 
 
 def continuation_image_index(

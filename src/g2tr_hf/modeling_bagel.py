@@ -35,7 +35,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -52,7 +52,6 @@ from .compat import (
 )
 from .configuration_bagel import G2TRBagelConfig
 from .generation_g2tr import (
-    CacheLayout,
     G2TRGenerationMixin,
     as_compact_cache,
     cached_layout,
@@ -60,6 +59,7 @@ from .generation_g2tr import (
     continuation_image_index,
     ids_from_embeddings,
     inside_blocks,
+    open_compact_cache,
     stored_length,
 )
 from .reduction import ReductionResult, build_latent_anchors, reduce_tokens
@@ -1254,15 +1254,8 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         batch_size, length = structure_ids.shape
         device = structure_ids.device
 
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config.get_text_config())
-        if past_key_values is not None:
-            as_compact_cache(past_key_values)
-        layout = cached_layout(past_key_values, batch_size, device, attention_mask)
-        new_mask = (
-            attention_mask[:, -length:].to(device).bool()
-            if attention_mask is not None
-            else torch.ones(batch_size, length, dtype=torch.bool, device=device)
+        past_key_values, layout, new_mask = open_compact_cache(
+            past_key_values, use_cache, self.config.get_text_config(), attention_mask, batch_size, length, device
         )
         if decoding_step:
             block_ids = torch.zeros_like(structure_ids)

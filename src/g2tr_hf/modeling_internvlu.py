@@ -35,7 +35,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, Qwen3Model
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
@@ -52,12 +52,11 @@ from .compat import (
 from .configuration_internvlu import SPECIAL_TOKENS, G2TRInternViTConfig, G2TRInternVLUConfig
 from .generation_g2tr import (
     G2TRGenerationMixin,
-    as_compact_cache,
-    cached_layout,
     compaction_index,
     continuation_image_index,
     ids_from_embeddings,
     inside_blocks,
+    open_compact_cache,
 )
 from .reduction import (
     ReductionResult,
@@ -725,15 +724,8 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
         if getattr(self.language_model, "gradient_checkpointing", False) and self.training and use_cache:
             logger.warning_once("Gradient checkpointing recomputes layers, so no KV cache is kept: `use_cache=False`.")
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config.get_text_config())
-        if past_key_values is not None:
-            as_compact_cache(past_key_values)
-        layout = cached_layout(past_key_values, batch_size, device, attention_mask)
-        new_mask = (
-            attention_mask[:, -length:].to(device).bool()
-            if attention_mask is not None
-            else torch.ones(batch_size, length, dtype=torch.bool, device=device)
+        past_key_values, layout, new_mask = open_compact_cache(
+            past_key_values, use_cache, self.config.get_text_config(), attention_mask, batch_size, length, device
         )
 
         # 1. Embeddings: special rows for prompt tokens, visual tokens (reduced) in the `<IMG_CONTEXT>` slots.

@@ -9,7 +9,8 @@ the unreduced SigLIP + connector on both sides.
 
 Part B, measured: a mid-size random BAGEL (LLM width 1024, 12 MoT layers; SigLIP width 384, 4 layers; a small
 4-block VAE) on a 512x512 image (37x37 = 1369 ViT tokens, 16x16 anchors), `model(**inputs, use_cache=True)` at
-ratio 1.0 and 0.5 in one run, median of `--repeats`; the LLM decoder's own time is taken with forward hooks.
+ratio 1.0, 0.5 with exact anchors and 0.5 with half-resolution anchors (`g2tr_anchor_scale=0.5`) in one run,
+interleaved, median and range of `--repeats`; the LLM decoder's and the anchor encode's own times are taken with hooks.
 
 Usage: python benchmarks/bench_bagel_prefill.py [--repeats 3] [--skip-measured]
 """
@@ -27,8 +28,8 @@ from PIL import Image
 from g2tr_hf.compat import output_cache
 from g2tr_hf.configuration_bagel import G2TRBagelConfig
 from g2tr_hf.generation_g2tr import stored_length
-from g2tr_hf.profiling import BAGEL_7B_LLM, account_request, module_flops
-from g2tr_hf.reduction import keep_count
+from g2tr_hf.profiling import BAGEL_7B_LLM, account_request, anchor_scale_agreement, module_flops
+from g2tr_hf.reduction import anchor_encode_size, keep_count
 from mid_size import mid_size_bagel
 
 
@@ -70,7 +71,7 @@ def analytic_table() -> None:
     print("## A. Analytic, BAGEL-7B-MoT shapes (LLM 28 layers x 3584, SigLIP 26 x 1152, FLUX AE), ratio 0.5 vs 1.0")
     print()
     print("| input | ViT tokens N -> K | KV entries (ratio) | KV bytes | LLM prefill TFLOP (ratio) "
-          "| + anchor VAE encode | + SigLIP/connector (end to end) |")
+          "| + anchor VAE encode: exact / half-res | + SigLIP/connector (end to end): exact / half-res |")
     print("|---|---|---|---|---|---|---|")
     for name, vit_grid, vae_hw in (("1024x1024", (70, 70), (1024, 1024)), ("1024x768", (52, 70), (768, 1024))):
         n = vit_grid[0] * vit_grid[1]
@@ -84,13 +85,18 @@ def analytic_table() -> None:
         )
         full, reduced = accounting.prefill_flops
         anchor = anchor_encode_flops(config, *vae_hw)
+        half_size, _ = anchor_encode_size(
+            *vae_hw, vae_downsample=8, patch_size=2, latent_pool=config.g2tr_latent_pool, anchor_scale=0.5
+        )
+        half = anchor_encode_flops(config, *half_size)
         vit = siglip_connector_flops(n, BAGEL_7B_LLM.hidden_size)
         print(
             f"| {name} | {n} -> {k} | {accounting.kv_entries[0]} -> {accounting.kv_entries[1]} "
             f"({accounting.kv_ratio:.2f}x) | {accounting.kv_bytes[0] / 2**20:.0f} -> "
             f"{accounting.kv_bytes[1] / 2**20:.0f} MiB | {full / 1e12:.1f} -> {reduced / 1e12:.1f} "
-            f"({accounting.flops_ratio:.2f}x) | {anchor / 1e12:.2f} TFLOP: {full / (reduced + anchor):.2f}x | "
-            f"{(full + vit) / (reduced + anchor + vit):.2f}x |"
+            f"({accounting.flops_ratio:.2f}x) | {anchor / 1e12:.2f} / {half / 1e12:.2f} TFLOP: "
+            f"{full / (reduced + anchor):.2f}x / {full / (reduced + half):.2f}x | "
+            f"{(full + vit) / (reduced + anchor + vit):.2f}x / {(full + vit) / (reduced + half + vit):.2f}x |"
         )
     print()
 
@@ -108,30 +114,60 @@ def measured_table(repeats: int) -> None:
     decoder = model.language_model
     decoder.register_forward_pre_hook(lambda *_: decoder_seconds.append(-time.perf_counter()))
     decoder.register_forward_hook(lambda *_: decoder_seconds.__setitem__(-1, decoder_seconds[-1] + time.perf_counter()))
+    anchor_seconds: list[float] = []
+    base, encode = model.model, model.model.encode_anchor_latents
 
-    def run(ratio: float) -> tuple[float, float, int]:
-        totals, decoders = [], []
-        for _ in range(repeats + 1):  # the first run warms up
+    def timed_encode(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return encode(*args, **kwargs)
+        finally:
+            anchor_seconds.append(time.perf_counter() - start)
+
+    base.encode_anchor_latents = timed_encode
+    settings = {"ratio 1.0": (1.0, 1.0), "ratio 0.5, exact anchors": (0.5, 1.0), "ratio 0.5, half-res": (0.5, 0.5)}
+    samples = {name: {"total": [], "decoder": [], "anchors": []} for name in settings}
+    caches = {}
+    for repeat in range(repeats + 1):  # the first round warms up; settings interleaved so noise hits all alike
+        for name, (ratio, scale) in settings.items():
+            model.config.g2tr_anchor_scale = scale
+            anchor_seconds.clear()
             start = time.perf_counter()
             with torch.inference_mode():
                 output = model(**inputs, use_cache=True, g2tr_ratio=ratio)
-            totals.append(time.perf_counter() - start)
-            decoders.append(decoder_seconds[-1])
-        return statistics.median(totals[1:]), statistics.median(decoders[1:]), stored_length(output_cache(output))
+            if repeat:
+                samples[name]["total"].append(time.perf_counter() - start)
+                samples[name]["decoder"].append(decoder_seconds[-1])
+                samples[name]["anchors"].append(sum(anchor_seconds))
+            caches[name] = stored_length(output_cache(output))
+    model.config.g2tr_anchor_scale = 1.0
 
-    full_total, full_decoder, full_cache = run(1.0)
-    red_total, red_decoder, red_cache = run(0.5)
+    def cell(name: str, key: str) -> str:
+        values = sorted(samples[name][key])
+        return f"{statistics.median(values):.3f} ({values[0]:.3f}-{values[-1]:.3f})"
+
+    median = {name: {key: statistics.median(v) for key, v in stages.items()} for name, stages in samples.items()}
     grid = inputs["image_grid_hw"][0].tolist()
     print(f"## B. Measured on CPU ({torch.get_num_threads()} threads, torch {torch.__version__}): mid-size random "
           f"BAGEL, LLM 12 x 1024, one 512x512 image ({grid[0]}x{grid[1]} = {grid[0] * grid[1]} ViT tokens) + "
-          f"{QUESTION_TOKENS}-word question, median of {repeats}")
+          f"{QUESTION_TOKENS}-word question, median (min-max) of {repeats}, seconds")
     print()
-    print("| | ratio 1.0 | ratio 0.5 | speed-up |")
+    print("| | " + " | ".join(settings) + " |")
     print("|---|---|---|---|")
-    print(f"| KV cache entries after prefill | {full_cache} | {red_cache} | {full_cache / red_cache:.2f}x |")
-    print(f"| LLM decoder prefill (s) | {full_decoder:.3f} | {red_decoder:.3f} | {full_decoder / red_decoder:.2f}x |")
-    print(f"| whole forward: ViT + anchors + reduction + LLM (s) | {full_total:.3f} | {red_total:.3f} | "
-          f"{full_total / red_total:.2f}x |")
+    print("| KV cache entries after prefill | " + " | ".join(str(caches[name]) for name in settings) + " |")
+    for label, key in (("LLM decoder prefill", "decoder"), ("anchor VAE encode", "anchors"),
+                       ("whole forward: ViT + anchors + reduction + LLM", "total")):
+        print(f"| {label} | " + " | ".join(cell(name, key) for name in settings) + " |")
+    full = median["ratio 1.0"]["total"]
+    shares = " | ".join(f"{median[name]['anchors'] / median[name]['total']:.0%}" for name in settings)
+    speedups = " | ".join(f"{full / median[name]['total']:.2f}x" for name in settings)
+    print(f"| anchor share of the prefill | {shares} |")
+    print(f"| whole-forward speed-up vs ratio 1.0 | {speedups} |")
+    print()
+    agreement = anchor_scale_agreement(model, inputs, anchor_scale=0.5, g2tr_ratio=0.5)
+    print(f"Keep-set agreement, half-res vs exact anchors: {agreement.shared_tokens[0]} of {agreement.kept_tokens[0]} "
+          f"kept tokens shared ({agreement.agreement[0]:.1%}). Random weights: this says nothing about quality; "
+          "run `g2tr_hf.profiling.anchor_scale_agreement` on real weights and images.")
     print()
 
 

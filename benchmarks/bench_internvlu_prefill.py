@@ -43,7 +43,8 @@ from g2tr_hf.generation_g2tr import stored_length
 from g2tr_hf.configuration_internvlu import QWEN_IMAGE_VAE_CONFIG, G2TRInternVLUConfig
 from g2tr_hf.modeling_internvlu import G2TRInternVLUForConditionalGeneration
 from g2tr_hf.profiling import INTERNVLU_LLM, Segment, kv_cache_bytes, prefill_flops
-from g2tr_hf.reduction import keep_count, reduce_tokens
+from g2tr_hf.profiling import anchor_scale_agreement
+from g2tr_hf.reduction import anchor_encode_size, keep_count, reduce_tokens
 from g2tr_hf.vae_single_frame import encode_single_frame_mode
 
 
@@ -111,8 +112,9 @@ def meta_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def unreduced_stage_flops() -> tuple[int, int]:
-    """(ViT + pixel shuffle + mlp1, VAE encode) FLOPs of one 448 px image at InternVL-U's real shapes."""
+def unreduced_stage_flops() -> tuple[int, int, int]:
+    """(ViT + pixel shuffle + mlp1, VAE encode, VAE encode at half resolution) FLOPs of one 448 px image at
+    InternVL-U's real shapes."""
     with torch.device("meta"):
         model = G2TRInternVLUForConditionalGeneration(G2TRInternVLUConfig(vae_config=QWEN_IMAGE_VAE_CONFIG))
         pixels = torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -120,39 +122,63 @@ def unreduced_stage_flops() -> tuple[int, int]:
         # What the model runs for the anchors: the single-frame (2-D) encode of the Qwen-Image VAE. (Called directly:
         # on the meta device the model would take every weight for an offloaded one and use the 3-D encode.)
         vae = meta_flops(lambda: encode_single_frame_mode(model.model.vae, pixels))
-    return vit, vae
+        half_size, _ = anchor_encode_size(
+            IMAGE_SIZE, IMAGE_SIZE, vae_downsample=8, patch_size=1, latent_pool=2, anchor_scale=0.5
+        )
+        half = meta_flops(lambda: encode_single_frame_mode(model.model.vae, torch.empty(1, 3, *half_size)))
+    return vit, vae, half
 
 
 def print_accounting(layout: PromptLayout) -> None:
-    vit_flops, vae_flops = unreduced_stage_flops()
-    rows = []
-    for ratio in RATIOS:
-        kept = keep_count(layout.image_tokens, ratio, MIN_KEEP)
-        tokens = layout.total(kept)
-        llm = prefill_flops(layout.segments(kept), INTERNVLU_LLM)
-        anchors = vae_flops if kept < layout.image_tokens else 0
-        rows.append((ratio, kept, tokens, kv_cache_bytes(tokens, INTERNVLU_LLM), llm, anchors))
-    full, reduced = rows[0], rows[1]
+    vit_flops, vae_flops, half_vae_flops = unreduced_stage_flops()
+    full_kept, kept = layout.image_tokens, keep_count(layout.image_tokens, 0.5, MIN_KEEP)
+    columns = {  # (kept tokens, anchor encode FLOPs)
+        "ratio 1.0 (off)": (full_kept, 0),
+        "ratio 0.5, exact anchors": (kept, vae_flops),
+        "ratio 0.5, half-res anchors": (kept, half_vae_flops),
+    }
+    rows = {}
+    for name, (kept_tokens, anchors) in columns.items():
+        tokens = layout.total(kept_tokens)
+        llm = prefill_flops(layout.segments(kept_tokens), INTERNVLU_LLM)
+        rows[name] = dict(
+            kept=kept_tokens,
+            tokens=tokens,
+            kv=kv_cache_bytes(tokens, INTERNVLU_LLM) / 2**20,
+            llm=llm / 1e9,
+            vit=vit_flops / 1e9,
+            anchors=anchors / 1e9,
+            whole=(llm + vit_flops + anchors) / 1e9,
+        )
+    full = rows["ratio 1.0 (off)"]
+
+    def line(label: str, key: str, fmt: str = "{:.0f}") -> None:
+        cells = [fmt.format(row[key]) for row in rows.values()]
+        changes = [change(full[key], row[key]) for name, row in rows.items() if name != "ratio 1.0 (off)"]
+        print(f"| {label} | " + " | ".join(cells) + " | " + " / ".join(changes) + " |")
 
     print(f"Accounting at InternVL-U shapes: one {IMAGE_SIZE}x{IMAGE_SIZE} image + a 30-token question "
           f"(prompt: {layout.before_image} + {layout.image_tokens + 2} + {layout.after_image} tokens)")
     print()
-    print("| | ratio 1.0 (off) | ratio 0.5 | change |")
-    print("|---|---|---|---|")
-    print(f"| visual tokens into the LLM | {full[1]} | {reduced[1]} | {full[1] / reduced[1]:.2f}x fewer |")
-    print(f"| prompt tokens = KV-cache entries after prefill | {full[2]} | {reduced[2]} | "
-          f"{full[2] / reduced[2]:.2f}x fewer |")
-    print(f"| KV cache, bf16 (MiB) | {full[3] / 2**20:.1f} | {reduced[3] / 2**20:.1f} | "
-          f"{full[3] / reduced[3]:.2f}x less |")
-    print(f"| LLM prefill (GFLOP, analytic) | {full[4] / 1e9:.0f} | {reduced[4] / 1e9:.0f} | "
-          f"{full[4] / reduced[4]:.2f}x less |")
-    print(f"| ViT + mlp1 (GFLOP, unchanged) | {vit_flops / 1e9:.0f} | {vit_flops / 1e9:.0f} | |")
-    print(f"| VAE encode for the anchors (GFLOP) | {full[5] / 1e9:.0f} | {reduced[5] / 1e9:.0f} | added |")
-    total_full, total_reduced = full[4] + vit_flops + full[5], reduced[4] + vit_flops + reduced[5]
-    change = total_reduced / total_full
-    change_text = f"{change:.2f}x more" if change > 1 else f"{1 / change:.2f}x less"
-    print(f"| whole prefill stage (GFLOP) | {total_full / 1e9:.0f} | {total_reduced / 1e9:.0f} | {change_text} |")
+    print("| | " + " | ".join(columns) + " | change vs off (exact / half-res) |")
+    print("|---|---|---|---|---|")
+    line("visual tokens into the LLM", "kept")
+    line("prompt tokens = KV-cache entries after prefill", "tokens")
+    line("KV cache, bf16 (MiB)", "kv", "{:.1f}")
+    line("LLM prefill (GFLOP, analytic)", "llm")
+    line("ViT + mlp1 (GFLOP, unchanged)", "vit")
+    line("VAE encode for the anchors (GFLOP)", "anchors")
+    line("whole prefill stage (GFLOP)", "whole")
     print()
+
+
+def change(reference: float, candidate: float) -> str:
+    """'1.48x less' / '1.07x more' / 'same' / 'added' for two costs."""
+    if reference == candidate:
+        return "same"
+    if reference == 0:
+        return "added"
+    return f"{reference / candidate:.2f}x less" if candidate < reference else f"{candidate / reference:.2f}x more"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,6 +241,16 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
+def with_anchor_scale(model, scale: float, fn):
+    """Run `fn()` with `model.config.g2tr_anchor_scale = scale`, restoring the previous value."""
+    previous = model.config.g2tr_anchor_scale
+    model.config.g2tr_anchor_scale = scale
+    try:
+        return fn()
+    finally:
+        model.config.g2tr_anchor_scale = previous
+
+
 def print_measured(layout: PromptLayout, repeats: int) -> None:
     torch.manual_seed(0)
     config = mid_size_config()
@@ -223,16 +259,27 @@ def print_measured(layout: PromptLayout, repeats: int) -> None:
     hidden = config.text_config.hidden_size
     kept = {ratio: keep_count(layout.image_tokens, ratio, MIN_KEEP) for ratio in RATIOS}
 
+    def prefill(ratio: float, scale: float = 1.0):
+        return lambda: with_anchor_scale(
+            model, scale, lambda: model(**inputs, g2tr_ratio=ratio, use_cache=True, logits_to_keep=1)
+        )
+
+    def anchors_at(scale: float):
+        pixels, sizes = inputs["vae_pixel_values"], inputs["vae_pixel_sizes"]
+        return lambda: with_anchor_scale(model, scale, lambda: model.model.get_latent_anchors(pixels, sizes))
+
     with torch.inference_mode():
         features = model.get_image_features(inputs["pixel_values"]).pooler_output
-        ((anchors, anchor_grid),) = model.model.get_latent_anchors(inputs["vae_pixel_values"], inputs["vae_pixel_sizes"])
+        ((anchors, anchor_grid),) = anchors_at(1.0)()
         side = config.image_grid_size
         embeds = {ratio: torch.randn(1, layout.total(kept[ratio]), hidden) for ratio in RATIOS}
         stages = {
-            "prefill 1.0": lambda: model(**inputs, g2tr_ratio=1.0, use_cache=True, logits_to_keep=1),
-            "prefill 0.5": lambda: model(**inputs, g2tr_ratio=0.5, use_cache=True, logits_to_keep=1),
+            "prefill 1.0": prefill(1.0),
+            "prefill 0.5": prefill(0.5),
+            "prefill 0.5 half": prefill(0.5, 0.5),
             "vision": lambda: model.get_image_features(inputs["pixel_values"]).pooler_output,
-            "anchors": lambda: model.model.get_latent_anchors(inputs["vae_pixel_values"], inputs["vae_pixel_sizes"]),
+            "anchors": anchors_at(1.0),
+            "anchors half": anchors_at(0.5),
             "select+merge": lambda: reduce_tokens(
                 features[0], (side, side), anchors, anchor_grid, ratio=0.5, min_keep=MIN_KEEP
             ),
@@ -253,7 +300,12 @@ def print_measured(layout: PromptLayout, repeats: int) -> None:
         for _ in range(repeats):
             for name, fn in stages.items():
                 samples[name].append(seconds(fn))
+    agreement = anchor_scale_agreement(model, inputs, anchor_scale=0.5, g2tr_ratio=0.5)
     ms = {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+
+    def cell(name: str) -> str:
+        values = sorted(1e3 * value for value in samples[name])
+        return f"{ms[name]:.1f} ({values[0]:.0f}-{values[-1]:.0f})"
 
     parameters = sum(p.numel() for p in model.parameters())
     vae_parameters = sum(p.numel() for p in model.vae.parameters())
@@ -262,22 +314,25 @@ def print_measured(layout: PromptLayout, repeats: int) -> None:
           f"{config.vision_config.num_hidden_layers} layers at {IMAGE_SIZE} px (1025 tokens), LLM "
           f"{hidden} x {config.text_config.num_hidden_layers} layers, VAE base_dim {config.vae_config['base_dim']}; "
           f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32, "
-          f"median of {repeats}")
+          f"median (min-max) of {repeats}")
     print()
-    print("| stage | ratio 1.0 (off) | ratio 0.5 | change |")
-    print("|---|---|---|---|")
+    print("| stage | ratio 1.0 (off) | ratio 0.5, exact anchors | ratio 0.5, half-res anchors | change vs off |")
+    print("|---|---|---|---|---|")
     print(f"| KV-cache entries after prefill (measured) | {cache_lengths[1.0]} | {cache_lengths[0.5]} | "
-          f"{cache_lengths[1.0] / cache_lengths[0.5]:.2f}x fewer |")
-    print(f"| ViT + mlp1 (ms) | {ms['vision']:.1f} | {ms['vision']:.1f} | unchanged |")
-    print(f"| VAE anchors: encode + pool + interpolate (ms) | 0 | {ms['anchors']:.1f} | added |")
-    print(f"| selection + merge (ms) | 0 | {ms['select+merge']:.1f} | added |")
-    print(f"| LLM prefill alone (ms) | {ms['llm 1.0']:.1f} | {ms['llm 0.5']:.1f} | "
+          f"{cache_lengths[0.5]} | {cache_lengths[1.0] / cache_lengths[0.5]:.2f}x fewer |")
+    print(f"| ViT + mlp1 (ms) | {cell('vision')} | {cell('vision')} | {cell('vision')} | unchanged |")
+    print(f"| VAE anchors: encode + pool + interpolate (ms) | 0 | {cell('anchors')} | {cell('anchors half')} | "
+          f"added (half-res {ms['anchors'] / ms['anchors half']:.1f}x cheaper than exact) |")
+    print(f"| selection + merge (ms) | 0 | {cell('select+merge')} | {cell('select+merge')} | added |")
+    print(f"| LLM prefill alone (ms) | {cell('llm 1.0')} | {cell('llm 0.5')} | {cell('llm 0.5')} | "
           f"{speed(ms['llm 1.0'], ms['llm 0.5'])} |")
-    print(f"| whole prefill, end to end (ms) | {ms['prefill 1.0']:.1f} | {ms['prefill 0.5']:.1f} | "
-          f"{speed(ms['prefill 1.0'], ms['prefill 0.5'])} |")
-    without_anchors = ms["prefill 0.5"] - ms["anchors"]
-    print(f"| whole prefill without the anchor encode (ms) | {ms['prefill 1.0']:.1f} | {without_anchors:.1f} | "
-          f"{speed(ms['prefill 1.0'], without_anchors)} |")
+    print(f"| whole prefill, end to end (ms) | {cell('prefill 1.0')} | {cell('prefill 0.5')} | "
+          f"{cell('prefill 0.5 half')} | exact {speed(ms['prefill 1.0'], ms['prefill 0.5'])}, half-res "
+          f"{speed(ms['prefill 1.0'], ms['prefill 0.5 half'])} |")
+    print()
+    print(f"Keep-set agreement, half-res vs exact anchors: {agreement.shared_tokens[0]} of {agreement.kept_tokens[0]} "
+          f"kept tokens shared ({agreement.agreement[0]:.1%}). Random weights: this number says nothing about "
+          "quality; run `g2tr_hf.profiling.anchor_scale_agreement` on real weights and images.")
     print()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .reduction import validate_reduction_options
+from .reduction import validate_anchor_scale, validate_reduction_options
 
 
 class G2TRConfig(PreTrainedConfig):
@@ -34,6 +34,14 @@ class G2TRConfig(PreTrainedConfig):
         g2tr_cell_mapping (`str`, *optional*, defaults to `"corner"`):
             How a ViT token is assigned to a latent cell: `"corner"` (the official top-left-corner rule) or
             `"center"`.
+        g2tr_anchor_scale (`float`, *optional*, defaults to 1.0):
+            Resolution at which an image is VAE-encoded for its anchors, relative to the full-resolution encode.
+            `1.0` is the official behaviour. `0.5` encodes a half-size copy whose latent lands directly on the pooled
+            anchor grid (pooling `g2tr_latent_pool * 0.5` instead of `g2tr_latent_pool`), about 4x less encode
+            compute; the anchors are then an approximation, so measure the keep-set agreement on your weights
+            (`g2tr_hf.profiling.anchor_scale_agreement`). `g2tr_latent_pool * g2tr_anchor_scale` must be a whole
+            number. Only understanding prefill encodes images for anchors alone; editing reuses the latents of its
+            VAE context blocks, which are always full resolution.
     """
 
     model_type = "g2tr"
@@ -45,6 +53,7 @@ class G2TRConfig(PreTrainedConfig):
     g2tr_merge: bool = True
     g2tr_merge_scaling: float | int = 1.0
     g2tr_cell_mapping: str = "corner"
+    g2tr_anchor_scale: float | int = 1.0
 
     def __post_init__(self, **kwargs):
         self.validate_g2tr()
@@ -74,6 +83,12 @@ class G2TRConfig(PreTrainedConfig):
             latent_pool=self.g2tr_latent_pool,
             prefix="g2tr_",
         )
+        validate_anchor_scale(self.g2tr_anchor_scale, self.g2tr_latent_pool, prefix="g2tr_")
+
+    @property
+    def g2tr_anchor_pool(self) -> int:
+        """Pooling factor applied to the anchor latent actually encoded: `g2tr_latent_pool * g2tr_anchor_scale`."""
+        return validate_anchor_scale(self.g2tr_anchor_scale, self.g2tr_latent_pool, prefix="g2tr_")
 
     def resolve_g2tr_ratio(self, g2tr_ratio: float | None = None) -> float:
         """The keep ratio of one call: `g2tr_ratio` when given (validated), else the config's.

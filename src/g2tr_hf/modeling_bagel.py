@@ -62,7 +62,13 @@ from .generation_g2tr import (
     open_compact_cache,
     stored_length,
 )
-from .reduction import ReductionResult, build_latent_anchors, reduce_tokens
+from .reduction import (
+    ReductionResult,
+    anchor_encode_size,
+    build_latent_anchors,
+    reduce_tokens,
+    resize_for_anchors,
+)
 
 
 if is_diffusers_available():
@@ -1013,8 +1019,9 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             merged tokens [sum K, D], kept packed indices [sum K] (ascending within each image), and the plans.
         """
         config = self.config
+        pool = config.g2tr_latent_pool
         if latents is None:
-            latents = self.encode_vae_latents(vae_pixel_values, vae_image_hw)
+            latents, pool = self.encode_anchor_latents(vae_pixel_values, vae_image_hw)
         if len(latents) != image_grid_hw.shape[0]:
             raise ValueError(
                 f"`latents` must hold one latent per image ({image_grid_hw.shape[0]}), got {len(latents)}."
@@ -1026,7 +1033,7 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             anchors, anchor_grid = build_latent_anchors(
                 latent,
                 patch_size=config.latent_patch_size,
-                pool=config.g2tr_latent_pool,
+                pool=pool,
                 project=self._project_latent_anchors,
             )
             result = reduce_tokens(
@@ -1086,6 +1093,44 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         # Position codes of the kept tokens' ORIGINAL 2-D ids, added after merging (docs/algorithm.md).
         kept_ids = image_position_ids[kept_patches.to(image_position_ids.device)]
         return tokens + self.vit_pos_embed(kept_ids), kept_patches, reductions
+
+    def encode_anchor_latents(
+        self, vae_pixel_values: torch.Tensor, vae_image_hw: torch.Tensor
+    ) -> tuple[list[torch.Tensor], int]:
+        """The latents that G2TR pools into anchors, and the pooling factor that then applies.
+
+        At `g2tr_anchor_scale=1.0` (the default) this is `encode_vae_latents` and `g2tr_latent_pool`, unchanged.
+        Below 1 every image is first resized (bilinear, antialiased) to the size whose latent, pooled by
+        `g2tr_latent_pool * g2tr_anchor_scale`, gives the full-resolution anchor grid (`anchor_encode_size`), so the
+        encode runs on about `g2tr_anchor_scale**2` of the pixels.
+
+        Args:
+            vae_pixel_values: [I, 3, H_max, W_max]; vae_image_hw: [I, 2] (see `encode_vae_latents`).
+        Returns:
+            (I latents [C, h, w], pool).
+        """
+        config = self.config
+        if config.g2tr_anchor_scale == 1.0:
+            return self.encode_vae_latents(vae_pixel_values, vae_image_hw), config.g2tr_latent_pool
+        self._check_vae_inputs(vae_pixel_values, vae_image_hw)
+        resized, sizes = [], []
+        for pixels, (height, width) in zip(vae_pixel_values, vae_image_hw.tolist()):
+            size, _ = anchor_encode_size(
+                height,
+                width,
+                vae_downsample=self.vae_downsample,
+                patch_size=config.latent_patch_size,
+                latent_pool=config.g2tr_latent_pool,
+                anchor_scale=config.g2tr_anchor_scale,
+            )
+            resized.append(resize_for_anchors(pixels[:, :height, :width], size))
+            sizes.append(size)
+        max_h, max_w = max(h for h, _ in sizes), max(w for _, w in sizes)
+        batch = vae_pixel_values.new_zeros(len(resized), 3, max_h, max_w)
+        for slot, image in enumerate(resized):
+            batch[slot, :, : image.shape[-2], : image.shape[-1]] = image
+        latents = self.encode_vae_latents(batch, torch.tensor(sizes, device=vae_image_hw.device))
+        return latents, config.g2tr_anchor_pool
 
     def _project_latent_anchors(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.vae2llm(pooled.to(device=execution_device(self.vae2llm), dtype=self.vae2llm.weight.dtype))

@@ -60,10 +60,12 @@ from .generation_g2tr import (
 )
 from .reduction import (
     ReductionResult,
+    anchor_encode_size,
     build_latent_anchors,
     interpolate_channels,
     reduce_tokens,
     reduces_anything,
+    resize_for_anchors,
 )
 from .vae_single_frame import UnsupportedVAEError, encode_single_frame_mode
 
@@ -530,18 +532,53 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
         Returns:
             One (anchors [M_i, hidden_size], (h_l, w_l)) per image.
         """
-        latents = self.encode_vae_latents(vae_pixel_values)
-        factor = self.vae_scale_factor
         if vae_pixel_sizes is None:
             sizes = [tuple(vae_pixel_values.shape[-2:])] * vae_pixel_values.shape[0]
         else:
             sizes = [tuple(int(v) for v in size) for size in vae_pixel_sizes.tolist()]
+        if self.config.g2tr_anchor_scale == 1.0:
+            latents, pool = self.encode_vae_latents(vae_pixel_values), self.config.g2tr_latent_pool
+        else:
+            latents, sizes, pool = self._encode_downscaled_anchor_latents(vae_pixel_values, sizes)
+        factor = self.vae_scale_factor
         project = functools.partial(interpolate_channels, out_dim=self.config.text_config.hidden_size)
         anchors = []
         for latent, (height, width) in zip(latents, sizes):
             own = latent[:, : -(-height // factor), : -(-width // factor)]
-            anchors.append(build_latent_anchors(own, pool=self.config.g2tr_latent_pool, project=project))
+            anchors.append(build_latent_anchors(own, pool=pool, project=project))
         return anchors
+
+    def _encode_downscaled_anchor_latents(
+        self, vae_pixel_values: torch.Tensor, sizes: list[tuple[int, int]]
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int]], int]:
+        """`g2tr_anchor_scale` < 1: encode each image resized (bilinear, antialiased) to the size whose latent, pooled
+        by `g2tr_latent_pool * g2tr_anchor_scale`, gives the full-resolution anchor grid (`anchor_encode_size`).
+        Images of one encode size are encoded together.
+
+        Returns:
+            (one latent [z_dim, h, w] per image, the encoded (height, width) per image, the pooling factor).
+        """
+        config = self.config
+        targets = [
+            anchor_encode_size(
+                height,
+                width,
+                vae_downsample=self.vae_scale_factor,
+                patch_size=1,
+                latent_pool=config.g2tr_latent_pool,
+                anchor_scale=config.g2tr_anchor_scale,
+            )[0]
+            for height, width in sizes
+        ]
+        latents: list[torch.Tensor | None] = [None] * len(sizes)
+        for target in dict.fromkeys(targets):
+            members = [index for index, other in enumerate(targets) if other == target]
+            pixels = torch.stack(
+                [resize_for_anchors(vae_pixel_values[i, :, : sizes[i][0], : sizes[i][1]], target) for i in members]
+            )
+            for index, latent in zip(members, self.encode_vae_latents(pixels)):
+                latents[index] = latent
+        return latents, targets, config.g2tr_anchor_pool
 
     def reduce_image_features(
         self,

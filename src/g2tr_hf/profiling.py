@@ -24,6 +24,7 @@ import torch
 
 
 __all__ = [
+    "AnchorScaleAgreement",
     "BAGEL_7B_LLM",
     "INTERNVLU_LLM",
     "DecoderShape",
@@ -31,6 +32,7 @@ __all__ = [
     "RequestProfile",
     "Segment",
     "account_request",
+    "anchor_scale_agreement",
     "decoder_shape",
     "kv_cache_bytes",
     "module_flops",
@@ -313,3 +315,60 @@ def profile_request(model, inputs: Mapping[str, torch.Tensor], *, g2tr_ratio: fl
         bidirectional_images=bidirectional,
     )
     return RequestProfile(ratio, accounting, int(anchor_flops), (seconds[0], seconds[1]))
+
+
+@dataclass(frozen=True)
+class AnchorScaleAgreement:
+    """How reduced-resolution anchors change one request's keep sets (pairs are (scale 1.0, `anchor_scale`)).
+
+    `agreement[i]` is |keep_full & keep_scaled| / |keep_full| for image i: 1.0 means the same tokens are kept. On
+    random weights it says nothing about quality; measure it on real weights and real images.
+    """
+
+    anchor_scale: float
+    ratio: float
+    kept_tokens: tuple[int, ...]
+    shared_tokens: tuple[int, ...]
+    anchor_encode_flops: tuple[int, int]
+
+    @property
+    def agreement(self) -> tuple[float, ...]:
+        return tuple(shared / kept for shared, kept in zip(self.shared_tokens, self.kept_tokens))
+
+
+def anchor_scale_agreement(
+    model, inputs: Mapping[str, torch.Tensor], *, anchor_scale: float = 0.5, g2tr_ratio: float | None = None
+) -> AnchorScaleAgreement:
+    """Run one reduced prefill with full-resolution anchors and one with `anchor_scale`, and compare the keep sets.
+
+    Args:
+        model: a g2tr_hf model (BAGEL or InternVL-U) in eval mode; its `config.g2tr_anchor_scale` is restored after.
+        inputs: its processor's output (any batch; images are compared one by one).
+        anchor_scale: the reduced anchor resolution to compare against 1.0.
+        g2tr_ratio: the keep ratio (the config's when None); must reduce something.
+    Returns:
+        `AnchorScaleAgreement` with per-image kept and shared counts and the anchor-encode FLOPs of both runs.
+    """
+    config = model.config
+    ratio = config.resolve_g2tr_ratio(g2tr_ratio)
+    original = config.g2tr_anchor_scale
+    plans, flops = [], []
+    try:
+        for scale in (1.0, anchor_scale):
+            config.g2tr_anchor_scale = scale
+            config.validate_g2tr()
+            with torch.inference_mode():
+                output, encode_flops = _count_anchor_encode(model, lambda: model(**inputs, g2tr_ratio=ratio))
+            if not output.image_reductions:
+                raise ValueError(
+                    f"g2tr_ratio={ratio} reduces no image of this request, so there are no keep sets to compare."
+                )
+            plans.append(output.image_reductions)
+            flops.append(int(encode_flops))
+    finally:
+        config.g2tr_anchor_scale = original
+    kept, shared = [], []
+    for full, scaled in zip(*plans):
+        kept.append(int(full.keep.numel()))
+        shared.append(int(torch.isin(full.keep, scaled.keep).sum()))
+    return AnchorScaleAgreement(float(anchor_scale), ratio, tuple(kept), tuple(shared), (flops[0], flops[1]))

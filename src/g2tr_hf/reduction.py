@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ReductionResult",
+    "anchor_encode_size",
     "available_methods",
     "build_latent_anchors",
     "interpolate_channels",
@@ -44,6 +45,8 @@ __all__ = [
     "reduce_tokens",
     "reduce_tokens_batched",
     "register_method",
+    "resize_for_anchors",
+    "validate_anchor_scale",
     "validate_reduction_options",
 ]
 
@@ -644,3 +647,62 @@ def build_latent_anchors(
     if project is not None:
         anchors = project(anchors)
     return anchors, anchor_grid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reduced-resolution anchors (opt-in `g2tr_anchor_scale`)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def validate_anchor_scale(anchor_scale: object, latent_pool: int, prefix: str = "") -> int:
+    """Check `anchor_scale` against `latent_pool` and return the pooling factor of the downscaled latent.
+
+    The downscaled encode must land on the same anchor grid as the full one, so `latent_pool * anchor_scale` has to
+    be a whole number >= 1 (pool 2: scales 1.0 and 0.5; pool 4: 1.0, 0.75, 0.5, 0.25).
+    """
+    if not _is_real_number(anchor_scale) or not (0.0 < anchor_scale <= 1.0) or math.isnan(anchor_scale):
+        raise ValueError(
+            f"`{prefix}anchor_scale` must be a number in (0, 1] (1.0: full resolution), got {anchor_scale!r}."
+        )
+    effective_pool = latent_pool * anchor_scale
+    if abs(effective_pool - round(effective_pool)) > 1e-6 or round(effective_pool) < 1:
+        raise ValueError(
+            f"`{prefix}anchor_scale` * `{prefix}latent_pool` must be a whole number >= 1 so that the downscaled latent "
+            f"lands on the pooled anchor grid; got {anchor_scale!r} * {latent_pool} = {effective_pool:g}. "
+            f"Allowed scales for latent_pool={latent_pool}: {[k / latent_pool for k in range(latent_pool, 0, -1)]}."
+        )
+    return int(round(effective_pool))
+
+
+def anchor_encode_size(
+    height: int, width: int, *, vae_downsample: int, patch_size: int, latent_pool: int, anchor_scale: float
+) -> tuple[tuple[int, int], int]:
+    """Pixel size at which to encode an image for reduced-resolution anchors, and the pooling that then follows.
+
+    At full resolution an `height` x `width` image gives a latent of ceil(H / vae_downsample) rows, `patch_size`
+    patchified and ragged-mean-pooled by `latent_pool` into ceil(rows / patch_size / latent_pool) anchor rows.
+    The downscaled copy is resized so that its latent, pooled by `latent_pool * anchor_scale`, has exactly that
+    many rows and columns: the anchor grid (hence the ViT-token -> cell map) is the same at every scale.
+
+    Returns:
+        ((encode_height, encode_width), pool) with pool = `latent_pool * anchor_scale`.
+    """
+    pool = validate_anchor_scale(anchor_scale, latent_pool)
+
+    def side(pixels: int) -> int:
+        latent = -(-pixels // vae_downsample)
+        cells = -(-(latent // patch_size) // latent_pool)
+        return cells * pool * patch_size * vae_downsample
+
+    return (side(height), side(width)), pool
+
+
+def resize_for_anchors(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[3, h, w] (or [N, 3, h, w]) VAE pixels in [-1, 1] -> the same images at `size`, bilinear with antialiasing
+    (a plain bilinear shrink aliases fine texture into the latent). Computed in fp32, cast back."""
+    batched = pixels if pixels.dim() == 4 else pixels[None]
+    if tuple(batched.shape[-2:]) == tuple(size):
+        return pixels
+    resized = F.interpolate(batched.float(), size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    resized = resized.to(pixels.dtype)
+    return resized if pixels.dim() == 4 else resized[0]

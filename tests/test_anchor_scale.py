@@ -168,3 +168,12 @@ def test_agreement_report(name):
     assert model.config.g2tr_anchor_scale == 1.0  # restored
     with pytest.raises(ValueError, match="reduces no image"):
         anchor_scale_agreement(model, inputs, anchor_scale=0.5, g2tr_ratio=1.0)
+
+
+def test_cli_demo_rejects_a_bad_anchor_scale(tmp_path, capsys):
+    from g2tr_hf.cli import main
+
+    assert main(["demo", "--anchor-scale", "0.3", "-o", str(tmp_path / "kept.png")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "g2tr_anchor_scale" in error[0] and "[1.0, 0.5]" in error[0]
+    assert not (tmp_path / "kept.png").exists()

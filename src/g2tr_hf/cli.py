@@ -201,6 +201,9 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_demo(ratio=args.ratio, min_keep=args.min_keep, seed=args.seed)  # checks --ratio / --min-keep
     source = resolve_model(args.model) if args.model else resolve_model("tiny-bagel")
     model, processor = load_model(source, args.trust_remote_code)
+    if args.anchor_scale is not None:
+        model.config.g2tr_anchor_scale = args.anchor_scale
+        model.config.validate_g2tr()  # names --anchor-scale's config field when the value is out of range
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     draw_kept_tokens(report.image, (VIT_GRID, VIT_GRID), report.result.keep).save(output)
@@ -602,6 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image", help="image to ask about (default: the synthetic scene)")
     demo.add_argument("--question", default="Describe this image.", help="the question")
     demo.add_argument("--max-new-tokens", type=int, default=16, help="answer length (default 16)")
+    demo.add_argument(
+        "--anchor-scale",
+        type=float,
+        default=None,
+        help="g2tr_anchor_scale: encode the anchor image at this scale (0.5: ~4x cheaper, approximate; "
+        "default: the model's, 1.0 = exact)",
+    )
     _add_trust_remote_code(demo)
     demo.set_defaults(run=_demo)
     _add_bagel_file_commands(commands)

@@ -84,8 +84,9 @@ def random_layout(seed: int, batch: int = 2, past: int = 23, length: int = 45):
     block_ids = torch.zeros(batch, length, dtype=torch.long)
     block_ids[0, 10:27] = 1
     block_ids[1, 3:20] = 2
-    scores = torch.randn(batch, 4, length, 8, generator=generator), torch.randn(batch, 2, past + length, 8, generator=generator)
-    return past_mask, new_mask, block_ids, scores
+    query = torch.randn(batch, 4, length, 8, generator=generator)
+    key = torch.randn(batch, 2, past + length, 8, generator=generator)
+    return past_mask, new_mask, block_ids, (query, key)
 
 
 @pytest.mark.parametrize("past", [0, 23])
@@ -176,7 +177,8 @@ def test_a_second_prompt_with_an_image_against_the_compact_cache_equals_sdpa(mod
 def test_greedy_generation_with_a_cache_equals_sdpa(models, images, ratio, flex_calls):
     sdpa, flex = models
     inputs = build_inputs([[text(10, 11), images[0], text(12)], [images[1], text(13, 14, 15)]])
-    options = dict(g2tr_ratio=ratio, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    options = dict(g2tr_ratio=ratio, max_new_tokens=5, do_sample=False)
+    options.update(output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         expected = sdpa.generate(**inputs, **options)
         out = flex.generate(**inputs, **options)

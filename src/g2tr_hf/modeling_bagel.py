@@ -196,7 +196,8 @@ def _unfused_flex_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """`flex_attention` without `torch.compile` (the CPU path): exact, but it materialises the scores like eager
-    attention does. Inside a compiled model it is traced and fused like any other call. Returns ([B, Lq, H, D], None)."""
+    attention does. Inside a compiled model it is traced and fused like any other call.
+    Returns ([B, Lq, H, D], None)."""
     if dropout > 0:
         raise ValueError("`flex_attention` does not support attention dropout: use the model in eval mode.")
     output = flex_attention(

@@ -189,6 +189,21 @@ def test_greedy_generation_with_a_cache_equals_sdpa(models, images, ratio, flex_
     assert len(flex_calls) == flex.config.llm_config.num_hidden_layers
 
 
+def test_static_cache_and_prompt_lookup_decoding_equal_sdpa(models, images, flex_calls):
+    """A static cache hands back its whole buffer (the block mask covers the written part); prompt-lookup decoding
+    verifies several candidate tokens per step against the cache, each such step through flex."""
+    sdpa, flex = models
+    single = build_inputs([[text(10, 11, 10, 11), images[1], text(10, 11, 10, 11)]])
+    with torch.no_grad():
+        for strategy in (dict(cache_implementation="static"), dict(prompt_lookup_num_tokens=3)):
+            options = dict(g2tr_ratio=0.5, max_new_tokens=6, do_sample=False, **strategy)
+            expected, out = sdpa.generate(**single, **options), flex.generate(**single, **options)
+            assert torch.equal(out, expected)
+    layers = flex.config.llm_config.num_hidden_layers
+    assert len(flex_calls) > 2 * layers  # both prompts, and at least one multi-token verification step
+    assert any(shape[2] > 1 and shape[2] < single["input_ids"].shape[1] for shape in flex_calls)
+
+
 def editing_context(model, images, padded: bool) -> DynamicCache:
     """An editing context (batch 1): optionally a left-padded text turn first, then the VAE block (generation expert,
     bidirectional), the ViT block reduced to half with the same latent as anchors, and the instruction."""

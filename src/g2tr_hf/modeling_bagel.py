@@ -1613,6 +1613,12 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
                 model_inputs[key] = value.index_select(0, order.to(value.device))
         return model_inputs
 
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
+        """Returns the caller's 2-D mask unchanged. `generate` builds a 4-D mask ahead of every step when the cache
+        is static (under flex attention it builds a compiled `BlockMask`), but the forward derives BAGEL's
+        block-causal mask over the compact cache itself, so a mask built here would be thrown away."""
+        return attention_mask
+
     def _expand_inputs_for_generation(
         self,
         expand_size: int = 1,

@@ -238,3 +238,21 @@ def test_editing_velocity_equals_sdpa(models, images, padded, flex_calls):
     layers = flex.config.llm_config.num_hidden_layers
     # text prompts always use the block mask; with a padded context, so do both image blocks and both velocities
     assert len(flex_calls) == layers * (6 if padded else 1)
+
+
+@pytest.mark.slow
+def test_a_compiled_decoder_fuses_flex_on_the_cpu_and_equals_sdpa(images, monkeypatch):
+    """Compiling the decoder routes the block mask through transformers' flex kernel, traced and fused by inductor
+    (the unfused CPU path is not taken). Slow: inductor compiles for about a minute on a small CPU."""
+    sdpa = tiny_model()
+    flex = tiny_model()
+    flex.set_attn_implementation("flex_attention")
+    unfused = []
+    monkeypatch.setattr(modeling_bagel, "_unfused_flex_attention", lambda *args, **kwargs: unfused.append(1))
+    flex.model.language_model = torch.compile(flex.model.language_model)
+    inputs = build_inputs([[text(10, 11), images[0], text(12)], [images[1], text(13, 14, 15)]])
+    with torch.no_grad():
+        expected = sdpa(**inputs, use_cache=True).logits
+        out = flex(**inputs, use_cache=True).logits
+    assert not unfused
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)

@@ -68,7 +68,8 @@ from .reduction import ReductionResult, build_latent_anchors, reduce_tokens
 if is_diffusers_available():
     from diffusers import AutoencoderKL
 
-if is_torch_flex_attn_available():
+_FLEX_ATTENTION_AVAILABLE = is_torch_flex_attn_available()
+if _FLEX_ATTENTION_AVAILABLE:
     # Importing compiles nothing: flex kernels are compiled (on accelerators) at their first call.
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
@@ -230,7 +231,7 @@ def flex_block_attention_forward(
     Returns:
         ([B, Lq, H, D], weights or log-sum-exp or None).
     """
-    if not (is_torch_flex_attn_available() and isinstance(attention_mask, BlockMask)):
+    if not (_FLEX_ATTENTION_AVAILABLE and isinstance(attention_mask, BlockMask)):
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     key_length = attention_mask.seq_lengths[1]

@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging
+from transformers.utils import is_torch_flex_attn_available, logging
 from transformers.utils.import_utils import is_diffusers_available
 
 from .compat import (
@@ -73,6 +73,11 @@ from .reduction import (
 
 if is_diffusers_available():
     from diffusers import AutoencoderKL
+
+_FLEX_ATTENTION_AVAILABLE = is_torch_flex_attn_available()
+if _FLEX_ATTENTION_AVAILABLE:
+    # Importing compiles nothing: flex kernels are compiled (on accelerators) at their first call.
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 logger = logging.get_logger(__name__)
@@ -183,11 +188,76 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def _uses_flex_attention(config) -> bool:
+    return getattr(config, "_attn_implementation", None) == "flex_attention"
+
+
+def _unfused_flex_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_mask: BlockMask,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`flex_attention` without `torch.compile` (the CPU path): exact, but it materialises the scores like eager
+    attention does. Inside a compiled model it is traced and fused like any other call.
+    Returns ([B, Lq, H, D], None)."""
+    if dropout > 0:
+        raise ValueError("`flex_attention` does not support attention dropout: use the model in eval mode.")
+    output = flex_attention(
+        query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+def flex_block_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: BlockMask | torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel behind `attn_implementation="flex_attention"`: flex attention for a `BlockMask`, SDPA otherwise.
+
+    The model hands over a `BlockMask` only where it has blocks to skip (a multi-token query under the block-causal
+    mask). A single decoding query, a full-attention call (no mask) and the ViT's key-padding mask stay dense and run
+    SDPA, whose kernels are as fast there and need no per-call block mask. On accelerators (or inside
+    `torch.compile`) the `BlockMask` goes to transformers' compiled flex kernel; on the CPU flex runs unfused.
+
+    Args:
+        query: [B, H, Lq, D]; key, value: [B, H_kv, Lk, D] (Lk may exceed the mask's length: a static cache's
+            unwritten tail, which is cut off).
+        attention_mask: a `BlockMask` of shape [B, 1, Lq, Lk'], a dense boolean mask, or None.
+    Returns:
+        ([B, Lq, H, D], weights or log-sum-exp or None).
+    """
+    if not (_FLEX_ATTENTION_AVAILABLE and isinstance(attention_mask, BlockMask)):
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    key_length = attention_mask.seq_lengths[1]
+    if key.shape[-2] > key_length:
+        # A static cache hands back its whole preallocated buffer, written from the start.
+        key, value = key[..., :key_length, :], value[..., :key_length, :]
+    if query.device.type == "cpu" and not torch.compiler.is_compiling():
+        kernel = _unfused_flex_attention
+    else:
+        kernel = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+    return kernel(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
 def _attention_function(config) -> Callable:
     """The kernel named by `config._attn_implementation` (SDPA by default), with the eager one as fallback."""
     implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     if implementation == "eager":
         return eager_attention_forward
+    if implementation == "flex_attention":
+        return flex_block_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
@@ -286,7 +356,8 @@ class BagelMoTAttention(nn.Module):
         gen_token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states [B, L, D]; attention_mask [B, 1, L, P+L] bool or None. Returns ([B, L, D], weights).
+        """hidden_states [B, L, D]; attention_mask [B, 1, L, P+L] bool, a flex `BlockMask` of that shape, or None.
+        Returns ([B, L, D], weights).
 
         A `gen_token_mask` selects upstream's "gen" mode, whose q/k norms and RoPE run in fp32 for every token
         (as upstream); without it ("und" mode) they run in the input dtype.
@@ -315,7 +386,8 @@ class BagelMoTAttention(nn.Module):
         query, key = query.to(value.dtype), key.to(value.dtype)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-            if attention_mask is not None and attention_mask.shape[-1] < key.shape[-2]:
+            dense_mask = isinstance(attention_mask, torch.Tensor)
+            if dense_mask and attention_mask.shape[-1] < key.shape[-2]:
                 # A static cache hands back its whole preallocated buffer; the unwritten tail is never visible.
                 attention_mask = F.pad(attention_mask, (0, key.shape[-2] - attention_mask.shape[-1]), value=False)
 
@@ -793,6 +865,55 @@ def block_causal_mask(
     return new_keys[:, None]
 
 
+def block_causal_block_mask(
+    past_mask: torch.Tensor | None, new_mask: torch.Tensor, block_ids: torch.Tensor, block_size: int = 128
+) -> BlockMask:
+    """The mask of `block_causal_mask` as a flex-attention `BlockMask` [B, 1, L, P+L], for the same inputs.
+
+    Keys are indexed over the stored layout (the P cached entries, compact under G2TR, then the L new tokens). Key
+    `kv` is visible to new query `q` (its own key slot is P + q) when it is that slot, or when it is a real entry
+    (`past_mask` / `new_mask`) and either precedes the slot (causal text, every cached entry) or lies in the query's
+    image block (bidirectional). Tiles of `block_size` x `block_size` that are entirely hidden (the upper triangle
+    outside images, left padding) are skipped by the kernel.
+
+    Args:
+        past_mask: [B, P] bool, the cache's real entries, or None (no cache).
+        new_mask: [B, L] bool, the real new tokens.
+        block_ids: [B, L] long, 0 for text, a unique positive id per image block.
+        block_size: tile side of the block mask (the kernel's default is 128).
+    """
+    batch, length = new_mask.shape
+    device = new_mask.device
+    past_length = 0 if past_mask is None else past_mask.shape[1]
+    key_visible, key_block = new_mask, block_ids
+    if past_length:
+        key_visible = torch.cat([past_mask.to(device), new_mask], dim=1)
+        key_block = torch.cat([block_ids.new_zeros(batch, past_length), block_ids], dim=1)
+
+    def mask_mod(batch_idx, head_idx, q_idx, kv_idx):
+        query_slot = q_idx + past_length
+        query_block = block_ids[batch_idx, q_idx]
+        same_block = (key_block[batch_idx, kv_idx] == query_block) & (query_block > 0)
+        earlier_or_same_block = (kv_idx <= query_slot) | same_block
+        return (kv_idx == query_slot) | (key_visible[batch_idx, kv_idx] & earlier_or_same_block)
+
+    return create_block_mask(
+        mask_mod, batch, None, length, past_length + length, device=device, BLOCK_SIZE=block_size
+    )
+
+
+def decoder_attention_mask(
+    config, past_mask: torch.Tensor | None, new_mask: torch.Tensor, block_ids: torch.Tensor
+) -> torch.Tensor | BlockMask:
+    """The decoder's block-causal mask in the form its attention kernel takes: a flex `BlockMask` under
+    `attn_implementation="flex_attention"` when more than one token is queried, the dense boolean
+    `block_causal_mask` [B, 1, L, P+L] otherwise (SDPA, eager, and single-token decoding under flex, where a
+    per-step block mask would cost more than the key-padding mask it replaces)."""
+    if _uses_flex_attention(config) and new_mask.shape[1] > 1:
+        return block_causal_block_mask(past_mask, new_mask, block_ids)
+    return block_causal_mask(past_mask, new_mask, block_ids)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs and the pretrained base
 # ----------------------------------------------------------------------------------------------------------------
@@ -850,7 +971,8 @@ class G2TRBagelPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     # Image blocks need a bidirectional span inside a causal mask, which a 2-D flash-attn padding mask cannot say.
     _supports_flash_attn = False
-    _supports_flex_attn = False
+    # Flex attention takes the block-causal mask as a `BlockMask` (see `decoder_attention_mask`).
+    _supports_flex_attn = True
     _supports_attention_backend = False
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -1347,7 +1469,9 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         static_cache = bool(getattr(past_key_values, "is_compileable", False))
         all_real = bool(new_mask.all()) and bool(layout.attention_mask.all())
         if inputs_embeds.shape[1] > 1 or static_cache or not all_real:
-            mask_4d = block_causal_mask(layout.attention_mask.to(device), new_mask, block_ids)
+            mask_4d = decoder_attention_mask(
+                self.language_model.config, layout.attention_mask.to(device), new_mask, block_ids
+            )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
@@ -1535,6 +1659,12 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
                 model_inputs[key] = value.index_select(0, order.to(value.device))
         return model_inputs
 
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
+        """Returns the caller's 2-D mask unchanged. `generate` builds a 4-D mask ahead of every step when the cache
+        is static (under flex attention it builds a compiled `BlockMask`), but the forward derives BAGEL's
+        block-causal mask over the compact cache itself, so a mask built here would be thrown away."""
+        return attention_mask
+
     def _expand_inputs_for_generation(
         self,
         expand_size: int = 1,
@@ -1636,7 +1766,9 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         attention_mask = None
         if not bool(layout.attention_mask.all()):
             block_ids = torch.ones(1, length, dtype=torch.long, device=device)
-            attention_mask = block_causal_mask(layout.attention_mask.to(device), new_mask, block_ids)
+            attention_mask = decoder_attention_mask(
+                self.language_model.config, layout.attention_mask.to(device), new_mask, block_ids
+            )
         self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
@@ -1772,8 +1904,13 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         attention_mask = None
         if not bool(layout.attention_mask.all()):
             new_keys = torch.ones(1, length, dtype=torch.bool, device=device)
-            visible = torch.cat([layout.attention_mask.to(device), new_keys], dim=-1)
-            attention_mask = visible[:, None, None, :].expand(1, 1, length, -1)
+            if _uses_flex_attention(self.language_model.config):
+                # The query is one bidirectional block after the context.
+                block_ids = new_keys.long()
+                attention_mask = block_causal_block_mask(layout.attention_mask.to(device), new_keys, block_ids)
+            else:
+                visible = torch.cat([layout.attention_mask.to(device), new_keys], dim=-1)
+                attention_mask = visible[:, None, None, :].expand(1, 1, length, -1)
         hidden_states = self.language_model(
             inputs_embeds=query_embeds,
             position_ids=position_ids,

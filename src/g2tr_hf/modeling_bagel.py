@@ -63,6 +63,7 @@ from .generation_g2tr import (
     stored_length,
 )
 from .reduction import ReductionResult, build_latent_anchors, reduce_tokens
+from .saving_g2tr import G2TRSaveMixin
 
 
 if is_diffusers_available():
@@ -832,7 +833,7 @@ class G2TRBagelModelOutputWithPast(BaseModelOutputWithPast):
     image_reductions: list[ReductionResult] | None = None
 
 
-class G2TRBagelPreTrainedModel(PreTrainedModel):
+class G2TRBagelPreTrainedModel(G2TRSaveMixin, PreTrainedModel):
     config: G2TRBagelConfig
     config_class = G2TRBagelConfig
     base_model_prefix = "model"

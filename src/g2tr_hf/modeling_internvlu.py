@@ -65,6 +65,7 @@ from .reduction import (
     reduce_tokens,
     reduces_anything,
 )
+from .saving_g2tr import G2TRSaveMixin
 from .vae_single_frame import UnsupportedVAEError, encode_single_frame_mode
 
 
@@ -399,7 +400,7 @@ class G2TRInternVLUModelOutputWithPast(BaseModelOutputWithPast):
     image_reductions: list[ReductionResult] | None = None
 
 
-class G2TRInternVLUPreTrainedModel(PreTrainedModel):
+class G2TRInternVLUPreTrainedModel(G2TRSaveMixin, PreTrainedModel):
     config: G2TRInternVLUConfig
     config_class = G2TRInternVLUConfig
     base_model_prefix = "model"

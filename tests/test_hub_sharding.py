@@ -367,6 +367,21 @@ def test_local_resave_keeps_the_pipeline_module(sharded_bagel, tmp_path):
         assert (tmp_path / "again" / name).is_file(), name
 
 
+def test_save_pretrained_with_push_to_hub_uploads_the_pipeline_module(sharded_bagel, tmp_path, monkeypatch):
+    model = AutoModelForImageTextToText.from_pretrained(sharded_bagel)
+    pushed = {}
+
+    def fake_push_to_hub(repo_id, **kwargs):  # PushToHubMixin saves a fresh copy through save_pretrained
+        model.save_pretrained(tmp_path / "uploaded")
+        pushed.update(repo_id=repo_id, files=sorted(path.name for path in (tmp_path / "uploaded").iterdir()), **kwargs)
+
+    monkeypatch.setattr(model, "push_to_hub", fake_push_to_hub)
+    model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="someone/x", commit_message="m", private=True)
+    assert (tmp_path / "local" / "pipeline_bagel.py").is_file()
+    assert pushed["repo_id"] == "someone/x" and pushed["commit_message"] == "m" and pushed["private"] is True
+    assert "pipeline_bagel.py" in pushed["files"]
+
+
 # In the isolated child (remote code only): load the sharded export, re-save model and processor into a new
 # folder, and build the custom pipeline from that folder; its edit must equal the pipeline of the export itself.
 RESAVE_CHILD = textwrap.dedent(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -257,19 +258,25 @@ _SAFETENSORS_ITEM_BYTES = {
 }
 
 
-def _tensor_bytes(source) -> int:
-    """Bytes of one tensor source: a tensor, or `(path, key)` in a safetensors file (read from its header)."""
-    if isinstance(source, tuple):
-        from safetensors import safe_open
+def _tensor_sizes(tensors: Mapping[str, Any]) -> dict[str, int]:
+    """Bytes of every tensor source, in order: a tensor, or `(path, key)` in a safetensors file (read from the
+    file's header, each file opened once)."""
+    from safetensors import safe_open
 
-        path, key = source
+    file_keys: dict[Path, list[str]] = {}
+    for key, source in tensors.items():
+        if isinstance(source, tuple):
+            file_keys.setdefault(Path(source[0]), []).append(key)
+    sizes = {}
+    for path, keys in file_keys.items():
         with safe_open(path, framework="pt") as handle:
-            piece = handle.get_slice(key)
-            count = 1
-            for side in piece.get_shape():
-                count *= side
-            return count * _SAFETENSORS_ITEM_BYTES[piece.get_dtype()]
-    return source.numel() * source.element_size()
+            for key in keys:
+                piece = handle.get_slice(tensors[key][1])
+                sizes[key] = math.prod(piece.get_shape()) * _SAFETENSORS_ITEM_BYTES[piece.get_dtype()]
+    return {
+        key: sizes[key] if isinstance(source, tuple) else source.numel() * source.element_size()
+        for key, source in tensors.items()
+    }
 
 
 def _plan_shards(sizes: Mapping[str, int], limit: int) -> list[list[str]]:
@@ -325,7 +332,7 @@ def write_safetensors_shards(
     limit = shard_size_bytes(max_shard_size)
     if not tensors:
         raise ValueError("`tensors` is empty: there are no weights to write.")
-    sizes = {key: _tensor_bytes(source) for key, source in tensors.items()}
+    sizes = _tensor_sizes(tensors)
     shards = _plan_shards(sizes, limit)
     weight_map = {}
     for number, keys in enumerate(shards, 1):

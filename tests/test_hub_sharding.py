@@ -351,6 +351,8 @@ def test_cli_export_and_push(tmp_path, capsys, monkeypatch):
     assert api.call("upload_folder")["commit_message"] == "hello"
     assert cli_main(["push", str(folder), "someone/tiny", "--create-pr", "--revision", "dev"]) == 2
     assert "create_pr" in capsys.readouterr().err
+    assert cli_main(["push", str(folder), "no-owner"]) == 2
+    assert "`repo_id`" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -348,6 +348,8 @@ def _export(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from .hub import push_folder
 
+    if not HUB_REPO_ID.match(args.repo_id):
+        raise CLIError(f"`repo_id`: expected a Hub repository id owner/name, got {args.repo_id!r}")
     result = push_folder(
         args.folder, args.repo_id, revision=args.revision, create_pr=args.create_pr, private=args.private or None,
         commit_message=args.message, large=args.large,

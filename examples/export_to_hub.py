@@ -12,7 +12,7 @@ import argparse
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from g2tr_hf import build_tiny
-from g2tr_hf.hub import export, push_to_hub
+from g2tr_hf.hub import export, push_folder
 
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,7 +26,10 @@ if args.model:
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
 else:
     model, processor = build_tiny("bagel")
-folder = export(model, processor, args.destination, overwrite=True)
+# Safetensors shards of at most 5 GB; the model card's snippets load --repo-id when given.
+folder = export(model, processor, args.destination, repo_id=args.repo_id, overwrite=True)
 print("wrote", sorted(path.name for path in folder.iterdir()))
 if args.repo_id:
-    print(push_to_hub(model, processor, args.repo_id))
+    # One commit that also deletes weight files of an earlier upload; folders over 10 GB use the resumable
+    # large-folder upload (run the script again after an interruption).
+    print(push_folder(folder, args.repo_id))

@@ -182,8 +182,7 @@ def snapshot(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(tiny, snapshot, tmp_path_factory):
     destination = tmp_path_factory.mktemp("converted") / "bagel-g2tr"
-    card = Path(__file__).resolve().parents[1] / "model_cards" / "bagel.md"
-    convert_bagel(snapshot, destination, ratio=0.5, model_card=card, config_overrides=tiny_overrides(tiny[0]))
+    convert_bagel(snapshot, destination, ratio=0.5, config_overrides=tiny_overrides(tiny[0]))  # the packaged card
     return destination
 
 

@@ -25,7 +25,6 @@ from g2tr_hf.modeling_internvlu import G2TRInternVLUForConditionalGeneration
 from g2tr_hf.tiny import build_tiny
 
 
-MODEL_CARD = Path(__file__).resolve().parents[1] / "model_cards" / "internvlu.md"
 CHAT = {"add_generation_prompt": True, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
 
 
@@ -214,7 +213,7 @@ def test_snapshot_uses_the_official_names(snapshot, tiny):
 def test_convert_then_load_gives_the_source_logits(snapshot, tiny, inputs, tmp_path):
     model, processor = tiny
     messages, batch = inputs
-    destination = convert_internvlu(snapshot, tmp_path / "converted", model_card=MODEL_CARD)
+    destination = convert_internvlu(snapshot, tmp_path / "converted")
 
     config = json.loads((destination / "config.json").read_text())
     assert config["model_type"] == "g2tr_internvl_u" and config["g2tr_ratio"] == 0.5
@@ -233,7 +232,7 @@ def test_convert_then_load_gives_the_source_logits(snapshot, tiny, inputs, tmp_p
     for code in ("configuration_internvlu.py", "modeling_internvlu.py", "processing_internvlu.py", "reduction.py"):
         assert (destination / code).is_file()
     readme = (destination / "README.md").read_text()
-    assert "base_model: InternVL-U/InternVL-U" in readme and "Converted from `InternVL-U`" in readme
+    assert "base_model: InternVL-U/InternVL-U" in readme and "Built with g2tr-hf from `InternVL-U`" in readme
     assert "default keep ratio is `g2tr_ratio=0.5`" in readme
 
     # The index points vlm keys at the linked vlm file and the prefixed VAE keys at vae.safetensors.

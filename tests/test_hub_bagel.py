@@ -19,11 +19,11 @@ from transformers import AutoModelForImageTextToText, pipeline
 
 from g2tr_hf import G2TRBagelForConditionalGeneration, build_tiny
 from g2tr_hf.cli import main as cli_main
-from g2tr_hf.hub import export, push_to_hub, render_model_card
+from g2tr_hf.hub import export, model_card_template, push_to_hub, render_model_card
 from remote_code import run_without_g2tr_hf
 
 
-MODEL_CARD = Path(__file__).resolve().parents[1] / "model_cards" / "bagel.md"
+MODEL_CARD = model_card_template("bagel")
 RATIO = 0.5
 MAX_NEW_TOKENS = 4
 QUESTION = "What color is the image?"
@@ -37,7 +37,9 @@ REMOTE_CODE_FILES = (
 
 
 def card_text() -> str:
-    return render_model_card(MODEL_CARD, ratio=RATIO, min_keep=1, source="a tiny random model")
+    return render_model_card(
+        MODEL_CARD, repo_id="someone/bagel-g2tr", ratio=RATIO, min_keep=1, source="a tiny random model"
+    )
 
 
 def chat(image) -> list[dict]:
@@ -184,6 +186,9 @@ class FakeHubApi:
     def create_repo(self, repo_id: str, private=None, exist_ok: bool = False, **kwargs):
         self.created.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok})
         return repo_id
+
+    def list_repo_files(self, repo_id: str, revision=None, **kwargs) -> list[str]:
+        return [".gitattributes"]  # a new repository
 
     def upload_folder(self, repo_id: str, folder_path: str, commit_message: str = "", **kwargs):
         target = self.store / repo_id.replace("/", "--")

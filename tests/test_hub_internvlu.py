@@ -16,19 +16,21 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import pipeline
 
-from g2tr_hf.hub import export, push_to_hub, render_model_card
+from g2tr_hf.hub import export, model_card_template, push_to_hub, render_model_card
 from g2tr_hf.tiny import build_tiny
 from remote_code import run_without_g2tr_hf
 
 
-MODEL_CARD = Path(__file__).resolve().parents[1] / "model_cards" / "internvlu.md"
+MODEL_CARD = model_card_template("internvlu")
 QUESTION = "what is in the picture?"
 MAX_NEW_TOKENS = 4
 RATIO = 0.5
 
 
 def _card() -> str:
-    return render_model_card(MODEL_CARD, ratio=RATIO, source="a tiny random model")
+    return render_model_card(
+        MODEL_CARD, repo_id="someone/internvlu-g2tr", ratio=RATIO, min_keep=32, source="a tiny random model"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +164,9 @@ class FakeHubApi:
     def create_repo(self, repo_id: str, private=None, exist_ok=False, **kwargs):
         self.repos.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok})
         return repo_id
+
+    def list_repo_files(self, repo_id: str, revision=None, **kwargs) -> list[str]:
+        return [".gitattributes"]  # a new repository
 
     def upload_folder(self, repo_id: str, folder_path: str, commit_message: str = "", **kwargs):
         target = self.store / repo_id.replace("/", "--")

@@ -267,12 +267,6 @@ def _understanding_demo(args: argparse.Namespace, model, processor, source: Mode
 # ------------------------------------------------------------------------------------------------ convert / export
 
 
-def _default_model_card(name: str) -> Path | None:
-    """`model_cards/<name>.md` when running from a source checkout (src/g2tr_hf/../../model_cards); None otherwise."""
-    card = Path(__file__).resolve().parents[2] / "model_cards" / f"{name}.md"
-    return card if card.is_file() else None
-
-
 def _json_object(value: str) -> dict:
     """A JSON object given inline (`{...}`) or as the path of a .json file."""
     try:
@@ -287,17 +281,14 @@ def _json_object(value: str) -> dict:
 def _convert_bagel(args: argparse.Namespace) -> int:
     from .convert_bagel import convert_bagel
 
-    card = _default_model_card("bagel")
-    if card is None:
-        logger.info("model_cards/bagel.md not found (installed package): the folder gets no README.md")
     convert_bagel(
         args.source,
         args.destination,
         ratio=args.ratio,
         link=args.link,
-        model_card=card,
         overwrite=args.overwrite,
         config_overrides=args.config_overrides,
+        max_shard_size=args.max_shard_size,
     )
     print(f"Converted {args.source} -> {args.destination} (g2tr_ratio={args.ratio})")
     return 0
@@ -336,7 +327,7 @@ def _source_model_card(source: ModelSource) -> str | None:
 
         return Path(hf_hub_download(source.name, "README.md")).read_text(encoding="utf-8")
     except Exception:  # a repo without a card (or one that cannot be fetched now) gets the generic card
-        logger.info("no README.md fetched from %s: the export gets a generic model card", source.name)
+        logger.info("no README.md fetched from %s: the export gets the package's model card", source.name)
         return None
 
 
@@ -349,8 +340,25 @@ def _export(args: argparse.Namespace) -> int:
     if args.ratio is not None:
         model.config.g2tr_ratio = args.ratio
         model.config.validate_g2tr()
-    export(model, processor, args.destination, model_card=card, overwrite=args.overwrite)
+    export(
+        model, processor, args.destination, model_card=card, overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+    )  # fmt: skip
     print(f"Exported {args.model} -> {args.destination}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import push_folder
+
+    if not HUB_REPO_ID.match(args.repo_id):
+        raise CLIError(f"`repo_id`: expected a Hub repository id owner/name, got {args.repo_id!r}")
+    result = push_folder(
+        args.folder, args.repo_id, revision=args.revision, create_pr=args.create_pr, private=args.private or None,
+        commit_message=args.message, large=args.large,
+    )  # fmt: skip
+    where = getattr(result, "pr_url", None) or getattr(result, "commit_url", None) or args.repo_id
+    print(f"Pushed {args.folder} -> {where}")
     return 0
 
 
@@ -376,6 +384,12 @@ def _add_convert_arguments(parser: argparse.ArgumentParser, source_help: str, we
         help=f"how {weights} reach the folder (default hardlink; symlink if that fails)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument(
+        "--max-shard-size",
+        default=None,
+        help=f"re-write the weights as safetensors shards of at most this size, e.g. 5GB (default: link {weights}; "
+        "shards are the layout to upload)",
+    )
 
 
 def _add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
@@ -412,18 +426,38 @@ def _add_bagel_file_commands(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--ratio", type=float, default=None, help="g2tr_ratio to store (default: the model's)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    export.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB (the default) or 500MB"
+    )
     _add_trust_remote_code(export)
     export.set_defaults(run=_export)
+
+    push = commands.add_parser("push", help="upload a folder written by export or convert to the Hugging Face Hub")
+    push.add_argument("folder", help="the folder to upload")
+    push.add_argument("repo_id", help="the Hub repository, owner/name (created if missing)")
+    push.add_argument("--revision", help="branch to commit to (created if missing), or refs/pr/N")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--message", default="Upload G2TR model (g2tr-hf export)", help="the commit message")
+    push.add_argument(
+        "--large",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="resumable large-folder upload (default: for folders over 10 GB)",
+    )
+    push.set_defaults(run=_push)
 
 
 def _convert_internvlu(args: argparse.Namespace) -> int:
     from .convert_internvlu import convert_internvlu
 
-    card = _default_model_card("internvlu")
-    if card is None:
-        logger.info("model_cards/internvlu.md not found (installed package): the folder gets no README.md")
     convert_internvlu(
-        args.source, args.destination, ratio=args.ratio, link=args.link, model_card=card, overwrite=args.overwrite
+        args.source,
+        args.destination,
+        ratio=args.ratio,
+        link=args.link,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
     )
     print(f"Converted {args.source} -> {args.destination} (g2tr_ratio={args.ratio})")
     return 0

@@ -12,6 +12,10 @@ converted folder holds:
 - `vae.safetensors`: the AE converted to diffusers `AutoencoderKL` keys under `vae.` (the only renaming);
 - the tokenizer and processor files, the flat remote code and a model card.
 
+With `max_shard_size` the weights are instead re-written as `model-0000i-of-0000n.safetensors` shards (every tensor
+copied bit for bit, one shard in memory at a time): the layout to upload, since the Hub recommends files of at most
+5 GB and `ema.safetensors` is about 29 GB. The linked layout is exact too, and costs no disk space.
+
 Every shape is checked against the model the config describes before anything is written, and the folder is written
 atomically: a failed conversion leaves no destination folder behind.
 """
@@ -36,10 +40,13 @@ from .configuration_bagel import G2TRBagelConfig
 from .hub import (
     atomic_directory,
     model_auto_map,
+    model_card_template,
     model_pipelines,
     place_file,
     render_model_card,
+    shard_size_bytes,
     write_remote_code,
+    write_safetensors_shards,
 )
 from .modeling_bagel import CHECKPOINT_RENAMES, G2TRBagelForConditionalGeneration
 from .processing_bagel import G2TRBagelImageProcessor, G2TRBagelProcessor
@@ -245,6 +252,19 @@ def _build_processor(config: G2TRBagelConfig, tokenizer) -> G2TRBagelProcessor:
     return G2TRBagelProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def _link_weights(
+    source: Path, staging: Path, ema_shapes: Mapping[str, tuple[int, ...]], vae_state: dict, link: str
+) -> None:
+    """`ema.safetensors` placed by `link`, the converted VAE as `vae.safetensors`, and the index over both."""
+    place_file(source / "ema.safetensors", staging / "ema.safetensors", link)
+    save_file(vae_state, staging / "vae.safetensors", metadata={"format": "pt"})
+    weight_map = {key: "ema.safetensors" for key in ema_shapes}
+    weight_map.update({key: "vae.safetensors" for key in vae_state})
+    total = (source / "ema.safetensors").stat().st_size + (staging / "vae.safetensors").stat().st_size
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
 def convert_bagel(
     source: str | os.PathLike,
     destination: str | os.PathLike,
@@ -254,6 +274,7 @@ def convert_bagel(
     model_card: str | os.PathLike | None = None,
     overwrite: bool = False,
     config_overrides: Mapping[str, Any] | None = None,
+    max_shard_size: int | str | None = None,
 ) -> Path:
     """Convert an official BAGEL-7B-MoT snapshot folder `source` into a loadable folder `destination`.
 
@@ -264,14 +285,16 @@ def convert_bagel(
             override it with `from_pretrained(..., g2tr_ratio=r)`.
         link: how `ema.safetensors` reaches the destination: a hard link (a symbolic link where the file systems
             differ), a symbolic link (the destination then needs `source` to stay in place), or a copy.
-        model_card: a model card template file (`$ratio`, `$min_keep` and `$source` placeholders, see
-            `model_cards/bagel.md`)
-            written as README.md; no README.md when None.
+        model_card: a model card template file (`$repo_id`, `$ratio`, `$min_keep` and `$source` placeholders)
+            written as README.md; None uses the template shipped with the package (`g2tr_hf/model_cards/bagel.md`;
+            `model_cards/bagel.md` in the repository shows it filled in).
         overwrite: replace an existing non-empty destination.
         config_overrides: `G2TRBagelConfig` fields the official files do not carry, e.g. `g2tr_min_keep`, or
             `vae_config` for an autoencoder that is not the FLUX AE (the default). The LLM and ViT configs always
             come from the snapshot and the ratio from `ratio`; the position-table sides (read from the stored
             tables) and the special token ids (read from the tokenizer) can be overridden.
+        max_shard_size: None (default) links `ema.safetensors` as described by `link`; a size in bytes or like
+            "5GB" re-writes all weights as shards of at most that size instead (`link` is then not used).
     Returns:
         The destination folder.
     """
@@ -281,6 +304,8 @@ def convert_bagel(
     _check_source(source)
     _check_destination(source, destination)
     overrides = _check_overrides(config_overrides)
+    if max_shard_size is not None:
+        shard_size_bytes(max_shard_size)
 
     llm, vit = _read_json(source / "llm_config.json"), _read_json(source / "vit_config.json")
     tokenizer, token_ids = _load_tokenizer(source, llm)
@@ -297,25 +322,23 @@ def convert_bagel(
     custom_pipelines, pipeline_classes = model_pipelines(config)
     if custom_pipelines:
         config.custom_pipelines = custom_pipelines
-    card = None
-    if model_card is not None:
-        card = render_model_card(Path(model_card), ratio=ratio, min_keep=config.g2tr_min_keep, source=source.name)
+    template = Path(model_card) if model_card is not None else model_card_template("bagel")
+    card = render_model_card(
+        template, repo_id=destination.name, ratio=ratio, min_keep=config.g2tr_min_keep, source=source.name
+    )
 
     with atomic_directory(destination, overwrite=overwrite) as staging:
-        place_file(source / "ema.safetensors", staging / "ema.safetensors", link)
-        save_file(vae_state, staging / "vae.safetensors", metadata={"format": "pt"})
-        weight_map = {key: "ema.safetensors" for key in ema_shapes}
-        weight_map.update({key: "vae.safetensors" for key in vae_state})
-        total = (source / "ema.safetensors").stat().st_size + (staging / "vae.safetensors").stat().st_size
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+        if max_shard_size is None:
+            _link_weights(source, staging, ema_shapes, vae_state, link)
+        else:
+            tensors = {key: (source / "ema.safetensors", key) for key in ema_shapes}
+            write_safetensors_shards({**tensors, **vae_state}, staging, max_shard_size)
         config.save_pretrained(staging)
         GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
         ).save_pretrained(staging)
         processor.save_pretrained(staging)
         write_remote_code(staging, [type(config), G2TRBagelForConditionalGeneration, type(processor), *pipeline_classes])
-        if card is not None:
-            (staging / "README.md").write_text(card, encoding="utf-8")
+        (staging / "README.md").write_text(card, encoding="utf-8")
     logger.info("Converted %s to %s", source, destination)
     return destination

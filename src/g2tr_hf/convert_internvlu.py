@@ -23,6 +23,9 @@ The converted folder holds:
 - the tokenizer and processor files, `generation_config.json` (stops at `<|im_end|>` and `<img>`), the flat remote
   code and a model card.
 
+With `max_shard_size` the weights (`vlm/` and VAE) are instead re-written as `model-0000i-of-0000n.safetensors`
+shards, every tensor copied bit for bit, one shard in memory at a time.
+
 The folder is written atomically: a failed conversion leaves no destination folder behind.
 """
 
@@ -41,7 +44,16 @@ from transformers.utils import logging
 
 from .compat import checkpoint_key
 from .configuration_internvlu import SPECIAL_TOKENS, G2TRInternVLUConfig
-from .hub import atomic_directory, model_auto_map, place_file, render_model_card, write_remote_code
+from .hub import (
+    atomic_directory,
+    model_auto_map,
+    model_card_template,
+    place_file,
+    render_model_card,
+    shard_size_bytes,
+    write_remote_code,
+    write_safetensors_shards,
+)
 from .modeling_internvlu import CHECKPOINT_RENAMES, G2TRInternVLUForConditionalGeneration
 from .processing_internvlu import (
     IMAGENET_MEAN,
@@ -64,7 +76,6 @@ VAE_FOLDER = "vae"
 TOKENIZER_FOLDERS = ("processor", "tokenizer", "vlm", ".")
 VAE_CLASS = "AutoencoderKLQwenImage"
 OFFICIAL_TEMPLATE = "qwen2_5-chat-v3"
-SOURCE_BASE_MODEL = "InternVL-U/InternVL-U"
 # Keys of vlm/config.json that describe the upstream code rather than the model; ours replace them.
 _UPSTREAM_ONLY_KEYS = (
     "architectures", "auto_map", "model_type", "_name_or_path", "_commit_hash", "transformers_version"
@@ -318,19 +329,6 @@ def _check_weights(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple
         logger.warning("%d checkpoint tensors are not used by the model, e.g. %s", len(unused), unused[:5])
 
 
-def _default_model_card(source: Path, ratio: float) -> str:
-    return (
-        "---\n"
-        "library_name: transformers\n"
-        "pipeline_tag: image-text-to-text\n"
-        f"base_model: {SOURCE_BASE_MODEL}\n"
-        "tags: [custom_code, g2tr, token-reduction, multimodal, internvl]\n"
-        "---\n\n"
-        f"# InternVL-U with G2TR token reduction\n\nConverted from `{source.name}` by g2tr-hf; default "
-        f"`g2tr_ratio={ratio}` (1.0 = off). Load with `trust_remote_code=True`.\n"
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,6 +362,7 @@ def convert_internvlu(
     link: Literal["hardlink", "symlink", "copy"] = "hardlink",
     model_card: str | os.PathLike | None = None,
     overwrite: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> Path:
     """Convert an official InternVL-U snapshot folder `source` into a loadable folder `destination`.
 
@@ -374,15 +373,20 @@ def convert_internvlu(
             override it with `from_pretrained(..., g2tr_ratio=r)`.
         link: how the `vlm/` safetensors reach the destination: a hard link (a symbolic link if that fails), a
             symbolic link, or a copy. The VAE file is always rewritten (its keys gain the `vae.` prefix).
-        model_card: a model card template (`$ratio` and `$source` placeholders, see `model_cards/internvlu.md`);
-            a short card when None.
+        model_card: a model card template file (`$repo_id`, `$ratio`, `$min_keep` and `$source` placeholders);
+            None uses the template shipped with the package (`g2tr_hf/model_cards/internvlu.md`;
+            `model_cards/internvlu.md` in the repository shows it filled in).
         overwrite: replace an existing destination.
+        max_shard_size: None (default) links the `vlm/` files as described by `link`; a size in bytes or like
+            "5GB" re-writes all weights as shards of at most that size instead (`link` is then not used).
     Returns:
         The destination folder.
     """
     source = Path(source)
     if link not in ("hardlink", "symlink", "copy"):
         raise ValueError(f"`link` must be 'hardlink', 'symlink' or 'copy', got {link!r}.")
+    if max_shard_size is not None:
+        shard_size_bytes(max_shard_size)
     tokenizer_folder = _check_source(source)
 
     vlm_files = _weight_files(source / VLM_FOLDER, "model.safetensors")
@@ -404,19 +408,23 @@ def convert_internvlu(
     weight_map = {key: _linked_name(path) for key, (path, _, _) in vlm_headers.items()}
     weight_map.update({f"{VAE_FOLDER}.{key}": "vae.safetensors" for key in vae_headers})
     config.auto_map = model_auto_map(type(config), G2TRInternVLUForConditionalGeneration, type(processor))
-    card = (
-        render_model_card(Path(model_card), ratio=ratio, source=source.name)
-        if model_card is not None
-        else _default_model_card(source, ratio)
+    template = Path(model_card) if model_card is not None else model_card_template("internvlu")
+    card = render_model_card(
+        template, repo_id=Path(destination).name, ratio=ratio, min_keep=config.g2tr_min_keep, source=source.name
     )
 
     with atomic_directory(destination, overwrite=overwrite) as staging:
-        for path in vlm_files:
-            place_file(path, staging / _linked_name(path), link)
-        total_size = sum(path.stat().st_size for path in vlm_files)
-        total_size += _write_vae(vae_files, staging / "vae.safetensors")
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+        if max_shard_size is None:
+            for path in vlm_files:
+                place_file(path, staging / _linked_name(path), link)
+            total_size = sum(path.stat().st_size for path in vlm_files)
+            total_size += _write_vae(vae_files, staging / "vae.safetensors")
+            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+        else:
+            tensors = {key: (path, key) for key, (path, _, _) in vlm_headers.items()}
+            tensors.update({f"{VAE_FOLDER}.{key}": (path, key) for key, (path, _, _) in vae_headers.items()})
+            write_safetensors_shards(tensors, staging, max_shard_size)
         config.save_pretrained(staging)
         GenerationConfig(
             eos_token_id=[config.im_end_token_id, config.image_start_token_id],

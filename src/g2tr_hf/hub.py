@@ -1,23 +1,34 @@
-"""Hub-ready folders: remote code + `auto_map` + weights + processor + model card, written atomically.
+"""Hub-ready folders: remote code + `auto_map` + sharded weights + processor + model card, written atomically; and
+their upload.
 
 A folder written by `export` loads with `trust_remote_code=True` on a machine where g2tr_hf is NOT installed:
 the flat module files are copied next to the weights and `auto_map` points AutoConfig, AutoModel,
 AutoModelForImageTextToText and AutoProcessor at them (transformers only records the class of the object being
-saved, so the other entries are filled in here).
+saved, so the other entries are filled in here). Weights are written in safetensors shards of at most
+`max_shard_size` (5 GB by default, the size the Hub recommends per file) with a `model.safetensors.index.json`.
+
+`push_folder` uploads such a folder in one commit (optionally to a branch or as a pull request) and deletes, in that
+same commit, the weight files of an earlier upload that the new folder no longer has; folders above
+`LARGE_FOLDER_BYTES` go through huggingface_hub's resumable large-folder upload.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import re
 import secrets
 import shutil
 import stat
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Iterable, Iterator
+from typing import Any
 
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
@@ -26,19 +37,40 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "DEFAULT_MAX_SHARD_SIZE",
+    "LARGE_FOLDER_BYTES",
     "atomic_directory",
+    "default_model_card",
     "export",
     "model_auto_map",
+    "model_card_template",
     "model_pipelines",
     "place_file",
+    "push_folder",
     "push_to_hub",
     "remote_code_files",
     "render_model_card",
+    "shard_size_bytes",
+    "stale_weight_files",
     "write_remote_code",
+    "write_safetensors_shards",
 ]
 
 # The Auto classes a g2tr_hf model folder maps; AutoModel deliberately returns the full generation-capable model.
 MODEL_AUTO_CLASSES = ("AutoModel", "AutoModelForImageTextToText")
+
+# The largest safetensors file `export` writes by default: the size the Hub recommends per file (transformers' own
+# default, 50 GB, would put BAGEL-7B-MoT's ~29 GB into one file).
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+# Above this many bytes `push_folder` uses huggingface_hub's resumable large-folder upload (where the installed
+# huggingface_hub has one): a BAGEL-7B-MoT folder (~29 GB) is above it, an InternVL-U folder (~5 GB) below.
+LARGE_FOLDER_BYTES = 10 * 10**9
+# Decimal units, as huggingface_hub and transformers read `max_shard_size`.
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+# Weight files of a model repository's top level: what an upload of a new export replaces.
+_WEIGHT_FILE = re.compile(r"^[^/]+\.(safetensors|bin)(\.index\.json)?$")
+# The model card template (package data, `g2tr_hf/model_cards/`) of each model type.
+MODEL_CARD_TEMPLATES = {"g2tr_bagel": "bagel.md", "g2tr_internvl_u": "internvlu.md"}
 
 
 def _new_sibling(target: Path, tag: str) -> Path:
@@ -201,6 +233,137 @@ def model_auto_map(config_class: type, model_class: type, processor_class: type 
     return auto_map
 
 
+def shard_size_bytes(max_shard_size: int | str, argument: str = "max_shard_size") -> int:
+    """`max_shard_size` in bytes: a positive int, or a string like "5GB", "500MB" (decimal units KB, MB, GB, TB)."""
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        if max_shard_size > 0:
+            return max_shard_size
+    elif isinstance(max_shard_size, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)\s*", max_shard_size.upper())
+        if match and float(match.group(1)) > 0:
+            return max(1, int(float(match.group(1)) * _SIZE_UNITS[match.group(2)]))
+    raise ValueError(
+        f"`{argument}` must be a positive number of bytes or a size such as '5GB' or '500MB', got {max_shard_size!r}."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streamed safetensors shards (the converters: no model is built, each tensor is read once)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Bytes per element of the safetensors dtypes a checkpoint may hold.
+_SAFETENSORS_ITEM_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+def _tensor_sizes(tensors: Mapping[str, Any]) -> dict[str, int]:
+    """Bytes of every tensor source, in order: a tensor, or `(path, key)` in a safetensors file (read from the
+    file's header, each file opened once)."""
+    from safetensors import safe_open
+
+    file_keys: dict[Path, list[str]] = {}
+    for key, source in tensors.items():
+        if isinstance(source, tuple):
+            file_keys.setdefault(Path(source[0]), []).append(key)
+    sizes = {}
+    for path, keys in file_keys.items():
+        with safe_open(path, framework="pt") as handle:
+            for key in keys:
+                piece = handle.get_slice(tensors[key][1])
+                sizes[key] = math.prod(piece.get_shape()) * _SAFETENSORS_ITEM_BYTES[piece.get_dtype()]
+    return {
+        key: sizes[key] if isinstance(source, tuple) else source.numel() * source.element_size()
+        for key, source in tensors.items()
+    }
+
+
+def _plan_shards(sizes: Mapping[str, int], limit: int) -> list[list[str]]:
+    """Keys in order, cut into consecutive shards of at most `limit` bytes (a larger tensor gets a shard alone)."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    filled = 0
+    for key, size in sizes.items():
+        if current and filled + size > limit:
+            shards.append(current)
+            current, filled = [], 0
+        current.append(key)
+        filled += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _load_shard(keys: list[str], tensors: Mapping[str, Any]) -> dict:
+    """The tensors of one shard, each file opened once; file tensors are read now (memory: one shard)."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    state = {}
+    for key in keys:
+        source = tensors[key]
+        if isinstance(source, tuple):
+            by_file.setdefault(Path(source[0]), []).append(key)
+        else:
+            state[key] = source.contiguous()
+    for path, file_keys in by_file.items():
+        with safe_open(path, framework="pt") as handle:
+            for key in file_keys:
+                state[key] = handle.get_tensor(tensors[key][1])
+    return {key: state[key] for key in keys}
+
+
+def write_safetensors_shards(
+    tensors: Mapping[str, Any], folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> dict[str, str]:
+    """Write `tensors` as `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json` in `folder`.
+
+    Args:
+        tensors: checkpoint key -> a `torch.Tensor`, or `(path, key)` of a tensor in a safetensors file (read when
+            its shard is written, so at most one shard is in memory). Keys are written in the mapping's order.
+        folder: an existing folder (normally the staging folder of `atomic_directory`).
+        max_shard_size: the largest shard, in bytes or as "5GB"; a tensor larger than that gets a shard of its own.
+    Returns:
+        The index's `weight_map` (key -> shard file name). Values are copied bit for bit (same dtype and bytes).
+    """
+    from safetensors.torch import save_file
+
+    limit = shard_size_bytes(max_shard_size)
+    if not tensors:
+        raise ValueError("`tensors` is empty: there are no weights to write.")
+    sizes = _tensor_sizes(tensors)
+    shards = _plan_shards(sizes, limit)
+    weight_map = {}
+    for number, keys in enumerate(shards, 1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(_load_shard(keys, tensors), Path(folder) / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return weight_map
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model cards
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_card_template(name: str) -> str:
+    """The text of a model card template shipped with the package (`g2tr_hf/model_cards/<name>.md`, read through
+    importlib.resources so that it is found in a wheel or zip install as well as in a source checkout).
+
+    Args:
+        name: "bagel" or "internvlu" (with or without ".md").
+    """
+    file_name = name if name.endswith(".md") else f"{name}.md"
+    template = resources.files(__package__).joinpath("model_cards", file_name)
+    if not template.is_file():
+        known = sorted(Path(entry).stem for entry in MODEL_CARD_TEMPLATES.values())
+        raise ValueError(f"`name`: no model card template {name!r}; the package ships {known}.")
+    return template.read_text(encoding="utf-8")
+
+
 def render_model_card(template: str | Path, **fields: object) -> str:
     """Fill a model card template (`$name` placeholders, `string.Template`): a `Path` to read, or the text itself.
 
@@ -213,20 +376,54 @@ def render_model_card(template: str | Path, **fields: object) -> str:
         raise ValueError(f"model card template needs a value for {missing.args[0]!r}.") from None
 
 
-def _default_model_card(model) -> str:
+def _source_label(name_or_path: str | None) -> str:
+    """How a card names where a model came from: a Hub id as is, a local folder by its name only (a card must not
+    publish the user's file system)."""
+    if not name_or_path:
+        return "a model built in code"
+    return Path(name_or_path).name if os.path.isdir(name_or_path) or os.path.isabs(name_or_path) else name_or_path
+
+
+def default_model_card(config, repo_id: str, source: str | None = None) -> str:
+    """The README.md of a g2tr_hf folder: the packaged template of `config.model_type` filled in.
+
+    Args:
+        config: the model's config (`g2tr_ratio`, `g2tr_min_keep` and `model_type` are read).
+        repo_id: what the card's code snippets load (the Hub repo id, or the folder's path).
+        source: where the weights came from (default: the config's `_name_or_path`; a local folder by its name).
+    """
+    template_name = MODEL_CARD_TEMPLATES.get(getattr(config, "model_type", None))
+    if template_name is None:
+        return _generic_model_card(repo_id)
+    return render_model_card(
+        model_card_template(template_name),
+        repo_id=repo_id,
+        ratio=config.g2tr_ratio,
+        min_keep=config.g2tr_min_keep,
+        source=source if source is not None else _source_label(getattr(config, "_name_or_path", None)),
+    )
+
+
+def _generic_model_card(repo_id: str) -> str:
     return (
         "---\n"
         "library_name: transformers\n"
         "pipeline_tag: image-text-to-text\n"
         "tags: [custom_code, g2tr, token-reduction, multimodal]\n"
         "---\n\n"
-        f"# {type(model).__name__} with G2TR token reduction\n\n"
+        "# A model with G2TR visual token reduction\n\n"
         "```python\n"
         "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
-        'model = AutoModelForImageTextToText.from_pretrained(REPO, trust_remote_code=True, g2tr_ratio=0.5)\n'
-        "processor = AutoProcessor.from_pretrained(REPO, trust_remote_code=True)\n"
+        f"repo = {repo_id!r}\n"
+        "model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, g2tr_ratio=0.5)\n"
+        "processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)\n"
         "```\n"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def export(
@@ -235,6 +432,8 @@ def export(
     path: str | os.PathLike,
     *,
     model_card: str | None = None,
+    repo_id: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     safe_serialization: bool = True,
 ) -> Path:
@@ -243,26 +442,144 @@ def export(
     Args:
         model: a g2tr_hf model (its config class, model class and their sibling modules become remote code).
         processor: the model's processor (saved with its own `auto_map`).
-        path: the folder to write; written atomically.
-        model_card: the README.md text (see `render_model_card`); a short generic card when None.
+        path: the folder to write; written atomically (a failure leaves no half-written folder).
+        model_card: the README.md text (see `render_model_card`); by default the packaged card of the model type.
+        repo_id: the Hub repo the folder is meant for, used by the default card's snippets (default: the folder's
+            name).
+        max_shard_size: the largest safetensors file, in bytes or as "5GB" (default); larger models are split into
+            `model-0000i-of-0000n.safetensors` with a `model.safetensors.index.json`.
         overwrite: replace an existing folder.
     Returns:
         The folder path.
     """
+    shard_bytes = shard_size_bytes(max_shard_size)
     config = model.config
     config.auto_map = model_auto_map(type(config), type(model), type(processor) if processor is not None else None)
     custom_pipelines, pipeline_classes = model_pipelines(config)
     if custom_pipelines:
         config.custom_pipelines = custom_pipelines
+    card = model_card if model_card is not None else default_model_card(config, repo_id or Path(path).name)
     with atomic_directory(path, overwrite=overwrite) as staging:
-        model.save_pretrained(staging, safe_serialization=safe_serialization)
+        model.save_pretrained(staging, safe_serialization=safe_serialization, max_shard_size=shard_bytes)
         if processor is not None:
             processor.save_pretrained(staging)
         classes = [type(config), type(model)] + ([type(processor)] if processor is not None else [])
         write_remote_code(staging, classes + pipeline_classes)
-        (staging / "README.md").write_text(model_card or _default_model_card(model), encoding="utf-8")
+        (staging / "README.md").write_text(card, encoding="utf-8")
     logger.info("Exported %s to %s", type(model).__name__, path)
     return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Upload
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stale_weight_files(remote_files: Iterable[str], local_files: Iterable[str]) -> list[str]:
+    """The top-level weight files of a repository (`*.safetensors`, `*.bin` and their `.index.json`) that a new
+    upload does not bring: shards of an earlier export. Left in place, a stale `model.safetensors` would even be
+    loaded INSTEAD of a new sharded index. Files in sub-folders and every other file are kept."""
+    local = set(local_files)
+    return sorted(name for name in remote_files if _WEIGHT_FILE.match(name) and name not in local)
+
+
+def _literal_pattern(name: str) -> str:
+    """An fnmatch pattern (what `delete_patterns` takes) that matches exactly `name`."""
+    return re.sub(r"([\[\]*?])", r"[\1]", name)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def _check_pull_request(revision: str | None, create_pr: bool) -> None:
+    if create_pr and revision not in (None, "main"):
+        raise ValueError(
+            f"`create_pr=True` opens a pull request against the default branch; it cannot be combined with "
+            f"`revision={revision!r}` (to add commits to an open pull request, pass revision='refs/pr/N' without "
+            "create_pr)."
+        )
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    create_pr: bool = False,
+    private: bool | None = None,
+    commit_message: str = "Upload G2TR model (g2tr-hf export)",
+    large: bool | None = None,
+    token: str | None = None,
+    api=None,
+):
+    """Upload an exported folder as `repo_id` (created if needed).
+
+    One commit adds every file of `folder` and deletes the top-level weight files of the repository that `folder`
+    does not have (`stale_weight_files`: e.g. the single `model.safetensors` of an unsharded earlier upload).
+
+    Args:
+        folder: a folder written by `export` (or a converter).
+        repo_id: `owner/name`.
+        revision: the branch to commit to (created from the default branch if missing), or "refs/pr/N" to add to an
+            open pull request. Default: the default branch.
+        create_pr: open a pull request against the default branch instead of committing to it.
+        private: visibility of a repository that does not exist yet (None: the Hub's default).
+        commit_message: the commit title.
+        large: use huggingface_hub's `upload_large_folder` (resumable: re-running after an interruption continues;
+            several commits; the stale weight files are then deleted in one more commit afterwards). None chooses by
+            size (`LARGE_FOLDER_BYTES`). Releases of huggingface_hub without it (2.x, whose `upload_folder` itself
+            resumes and splits large folders) use `upload_folder`. It cannot open a pull request: open one first and
+            pass `revision="refs/pr/N"`.
+        token: a Hub token (default: the logged-in one).
+        api: an `huggingface_hub.HfApi`-like object (tests pass a fake); default `HfApi(token=token)`.
+    Returns:
+        What the upload returns (a `CommitInfo` from `upload_folder`; None from `upload_large_folder`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ValueError(f"`folder` {str(folder)!r} is not a model folder (no config.json); write one with export().")
+    _check_pull_request(revision, create_pr)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    if large is None:
+        large = _folder_bytes(folder) > LARGE_FOLDER_BYTES
+    use_large_upload = large and hasattr(api, "upload_large_folder")
+    if use_large_upload and create_pr:
+        raise ValueError(
+            "`create_pr=True` is not possible with a large-folder upload (huggingface_hub's upload_large_folder "
+            "commits to a branch only): open a pull request first and pass revision='refs/pr/N', or pass large=False."
+        )
+
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
+    if revision not in (None, "main") and not revision.startswith("refs/pr/"):
+        api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True)
+    remote = api.list_repo_files(repo_id=repo_id, revision=None if create_pr else revision)
+    local = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+    stale = stale_weight_files(remote, local)
+    if stale:
+        logger.info("Deleting %d stale weight files from %s: %s", len(stale), repo_id, stale)
+
+    if use_large_upload:
+        result = api.upload_large_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision)
+        if stale:
+            api.delete_files(
+                repo_id=repo_id,
+                delete_patterns=[_literal_pattern(name) for name in stale],
+                revision=revision,
+                commit_message=f"{commit_message}: remove stale weight files",
+            )
+        return result
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message=commit_message,
+        revision=revision,
+        create_pr=create_pr,
+        delete_patterns=[_literal_pattern(name) for name in stale] or None,
+    )
 
 
 def push_to_hub(
@@ -274,17 +591,28 @@ def push_to_hub(
     private: bool | None = None,
     token: str | None = None,
     commit_message: str = "Upload G2TR model (g2tr-hf export)",
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    large: bool | None = None,
     api=None,
 ):
-    """Export to a temporary folder and upload it as `repo_id` (created if needed). Returns the commit info.
+    """Export to a temporary folder and upload it as `repo_id` with `push_folder`. Returns the upload's result.
 
-    `api` defaults to `huggingface_hub.HfApi(token=token)`; tests pass a fake.
+    The default model card's snippets load `repo_id`. For a large model, `export` to a lasting folder and call
+    `push_folder` on it instead: a large-folder upload interrupted here cannot resume (its folder is temporary).
+    The remaining arguments are those of `export` and `push_folder`; `api` defaults to
+    `huggingface_hub.HfApi(token=token)` (tests pass a fake).
     """
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
+    # Argument errors before the export's work.
+    shard_size_bytes(max_shard_size)
+    _check_pull_request(revision, create_pr)
     with tempfile.TemporaryDirectory() as scratch:
-        folder = export(model, processor, Path(scratch) / "export", model_card=model_card)
-        api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+        folder = export(
+            model, processor, Path(scratch) / "export", model_card=model_card, repo_id=repo_id,
+            max_shard_size=max_shard_size,
+        )  # fmt: skip
+        return push_folder(
+            folder, repo_id, revision=revision, create_pr=create_pr, private=private, commit_message=commit_message,
+            large=large, token=token, api=api,
+        )  # fmt: skip

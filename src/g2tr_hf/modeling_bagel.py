@@ -69,6 +69,7 @@ from .reduction import (
     reduce_tokens,
     resize_for_anchors,
 )
+from .saving_g2tr import G2TRSaveMixin
 
 
 if is_diffusers_available():
@@ -959,7 +960,7 @@ class G2TRBagelModelOutputWithPast(BaseModelOutputWithPast):
     image_reductions: list[ReductionResult] | None = None
 
 
-class G2TRBagelPreTrainedModel(PreTrainedModel):
+class G2TRBagelPreTrainedModel(G2TRSaveMixin, PreTrainedModel):
     config: G2TRBagelConfig
     config_class = G2TRBagelConfig
     base_model_prefix = "model"

@@ -67,6 +67,7 @@ from .reduction import (
     reduces_anything,
     resize_for_anchors,
 )
+from .saving_g2tr import G2TRSaveMixin
 from .vae_single_frame import UnsupportedVAEError, encode_single_frame_mode
 
 
@@ -401,7 +402,7 @@ class G2TRInternVLUModelOutputWithPast(BaseModelOutputWithPast):
     image_reductions: list[ReductionResult] | None = None
 
 
-class G2TRInternVLUPreTrainedModel(PreTrainedModel):
+class G2TRInternVLUPreTrainedModel(G2TRSaveMixin, PreTrainedModel):
     config: G2TRInternVLUConfig
     config_class = G2TRInternVLUConfig
     base_model_prefix = "model"

@@ -508,7 +508,9 @@ class BagelSiglipMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        # `fc2` is never quantized, so in a model loaded in fp16 it computes in fp32 (`_keep_in_fp32_modules`).
+        return self.fc2(hidden_states.to(dtype=compute_dtype(self.fc2))).to(hidden_states.dtype)
 
 
 class BagelSiglipEncoderLayer(nn.Module):
@@ -837,7 +839,8 @@ class G2TRBagelModelOutputWithPast(BaseModelOutputWithPast):
 # backbone is `model.` (what the Auto classes load), and the backbone loaded on its own. A name matches itself and
 # everything inside it.
 _UNQUANTIZED_BACKBONE_MODULES = (
-    "vae", "vae2llm", "llm2vae", "time_embedder", "vit_model.vision_model.embeddings.patch_embedding"
+    "vae", "vae2llm", "llm2vae", "time_embedder", "vit_model.vision_model.embeddings.patch_embedding",
+    "vit_model.vision_model.encoder.layers.*.mlp.fc2",
 )  # fmt: skip
 NOT_QUANTIZED = ["lm_head", *_UNQUANTIZED_BACKBONE_MODULES, *(f"model.{m}" for m in _UNQUANTIZED_BACKBONE_MODULES)]
 
@@ -853,9 +856,9 @@ class G2TRBagelPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values", "cache"]
     # Never quantized (every transformers quantizer adds this list to the user's own `modules_to_not_convert` /
     # `llm_int8_skip_modules`): the VAE, whose latents are the G2TR anchors and the generated image; the latent maps
-    # `vae2llm` / `llm2vae` and the timestep embedder on either side of it; the ViT patch embedding (588 inputs, no
-    # multiple of the usual group sizes); `lm_head`. Loaded in fp16 they stay fp32 (their outputs are cast back);
-    # bf16 and fp32 loads keep the requested dtype. See docs/quantization.md.
+    # `vae2llm` / `llm2vae` and the timestep embedder on either side of it; the ViT patch embedding and the ViT MLPs'
+    # `fc2` (588 and 4304 inputs: no multiple of the int4 group sizes); `lm_head`. Loaded in fp16 they stay fp32
+    # (their outputs are cast back); bf16 and fp32 loads keep the requested dtype. See docs/quantization.md.
     _keep_in_fp32_modules = NOT_QUANTIZED
     _supports_sdpa = True
     # Image blocks need a bidirectional span inside a causal mask, which a 2-D flash-attn padding mask cannot say.

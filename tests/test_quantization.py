@@ -169,7 +169,7 @@ def test_compute_dtype_never_returns_a_quantized_weight_dtype():
 
 def test_fp16_load_keeps_the_declared_modules_in_fp32(saved):
     """`_keep_in_fp32_modules` upcasts those modules when a model is loaded in fp16: the forward must still run."""
-    name, _, folder, inputs, reference = saved
+    name, processor, folder, inputs, reference = saved
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float16).eval()
     assert all(module.weight.dtype == torch.float32 for module in linears(model, DECLARED[name]).values())
     assert all(module.weight.dtype == torch.float16 for module in linears(model, [LLM]).values())
@@ -178,6 +178,17 @@ def test_fp16_load_keeps_the_declared_modules_in_fp32(saved):
     assert outputs.logits.dtype == torch.float32  # the fp32 head
     assert torch.isfinite(outputs.logits).all()
     assert outputs.kept_token_mask.sum() == reference.kept_token_mask.sum()
+    if name == "bagel":  # editing crosses every declared module: VAE, vae2llm, time embedder, llm2vae
+        assert torch.isfinite(edit(model, processor)).all()
+
+
+def edit(model, processor) -> torch.Tensor:
+    """A 2-step BAGEL edit of a 64 px image at ratio 0.5: [3, 64, 64]."""
+    pipe = G2TRBagelPipeline(model=model, processor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    call = dict(prompt="make it red", image=make_image(1), num_inference_steps=2, g2tr_ratio=0.5)
+    return pipe(**call, generator=generator, output_type="pt").images[0]
 
 
 # --- each backend ---------------------------------------------------------------------------------------------------
@@ -222,9 +233,5 @@ def test_bagel_editing_quantized(saved_bagel, backend):
     """Editing runs the generation side (VAE, `vae2llm`, timestep embedder, `llm2vae`) around a quantized decoder."""
     _, processor, folder, _, _ = saved_bagel
     model = AutoModelForImageTextToText.from_pretrained(folder, quantization_config=quantization_config(backend))
-    pipe = G2TRBagelPipeline(model=model.eval(), processor=processor)
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    call = dict(prompt="make it red", image=make_image(1), num_inference_steps=2, g2tr_ratio=0.5)
-    image = pipe(**call, generator=generator, output_type="pt").images[0]
+    image = edit(model.eval(), processor)
     assert image.shape == (3, 64, 64) and torch.isfinite(image).all()

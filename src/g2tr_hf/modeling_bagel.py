@@ -837,7 +837,7 @@ class G2TRBagelModelOutputWithPast(BaseModelOutputWithPast):
 
 # Module names that quantization must leave alone (`_keep_in_fp32_modules`), under both roots: the head model, where the
 # backbone is `model.` (what the Auto classes load), and the backbone loaded on its own. A name matches itself and
-# everything inside it.
+# everything inside it; `*` stands for any layer index.
 _UNQUANTIZED_BACKBONE_MODULES = (
     "vae", "vae2llm", "llm2vae", "time_embedder", "vit_model.vision_model.embeddings.patch_embedding",
     "vit_model.vision_model.encoder.layers.*.mlp.fc2",

@@ -137,10 +137,10 @@ class InternViTEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, H, W] -> embeddings [N, 1 + (H/p)*(W/p), D]."""
-        # The ViT's dtype is its tables'; the patch convolution's inputs take its own floating dtype.
+        # The ViT computes in its tables' dtype; the patch convolution takes its inputs in its own floating dtype.
         dtype = self.position_embedding.dtype
-        patches = self.patch_embedding(pixel_values.to(dtype=compute_dtype(self.patch_embedding))).to(dtype)
-        # patches: [N, D, H/p, W/p]
+        pixels = pixel_values.to(dtype=compute_dtype(self.patch_embedding))
+        patches = self.patch_embedding(pixels).to(dtype)  # [N, D, H/p, W/p]
         batch_size, _, height, width = patches.shape
         patches = patches.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(dtype).expand(batch_size, 1, -1)

@@ -92,9 +92,8 @@ def weight_memory(name: str) -> tuple[dict[str, dict[str, float]], dict[str, tup
     for param_name, param in model.named_parameters():
         module_name, leaf = param_name.rsplit(".", 1) if "." in param_name else ("", param_name)
         component = component_of(name, param_name)
-        quantized = (
-            isinstance(modules[module_name], nn.Linear) and leaf == "weight" and should_convert_module(module_name, skip)
-        )
+        is_linear_weight = isinstance(modules[module_name], nn.Linear) and leaf == "weight"
+        quantized = is_linear_weight and should_convert_module(module_name, skip)
         counts[component][0] += param.numel()
         counts[component][1] += param.numel() if quantized else 0
         for fmt, size in FORMATS.items():
@@ -127,6 +126,12 @@ def print_kv_cache() -> None:
 
 
 def print_measured() -> None:
+    import importlib.util
+
+    missing = [name for name in ("bitsandbytes", "torchao") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"\n## B. Skipped: install {' and '.join(missing)} to measure the quantized tiny models.")
+        return
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import tempfile
 
@@ -134,7 +139,8 @@ def print_measured() -> None:
     from transformers import AutoModelForImageTextToText
 
     print("\n## B. Measured, tiny random models on the CPU, ratio 0.5 (top-1: agreement with the unquantized logits)\n")
-    print("| model | backend | only the LLM: keep set equal | only the LLM: top-1 | defaults: keep set equal | defaults: top-1 |")
+    columns = ["only the LLM: keep set equal", "only the LLM: top-1", "defaults: keep set equal", "defaults: top-1"]
+    print("| model | backend | " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|")
     for name in ("bagel", "internvlu"):
         with tempfile.TemporaryDirectory() as folder:

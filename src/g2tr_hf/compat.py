@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -24,6 +25,7 @@ __all__ = [
     "CACHE_KWARG",
     "LEGACY_CACHE_KWARG",
     "checkpoint_key",
+    "compute_dtype",
     "drop_parallel_plans",
     "execution_device",
     "output_cache",
@@ -109,4 +111,20 @@ def execution_device(module: nn.Module) -> Any:
     for parameter in module.parameters():
         if parameter.device.type != "meta":
             return parameter.device
+    return None
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype | None:
+    """The floating-point dtype `module` computes in, for casting its inputs: that of its first floating-point
+    parameter, or None (cast nothing) when it has none.
+
+    A quantized weight must never decide an input's dtype: bitsandbytes stores its weights as int8 (8-bit) or uint8
+    (4-bit) tensors, and an input cast to them is destroyed (to integers, silently, or with an error much later).
+    Those weights are skipped here, so a quantized linear layer answers with its bias's dtype (or None without a
+    bias, and the layer casts for itself); torchao's quantized tensors report the original floating dtype. An
+    offloaded parameter (on the meta device) still carries its dtype.
+    """
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
     return None

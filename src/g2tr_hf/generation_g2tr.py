@@ -32,7 +32,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import logging
 
-from .compat import CACHE_KWARG, pop_cache_argument
+from .compat import CACHE_KWARG, compute_dtype, pop_cache_argument
 
 
 logger = logging.get_logger(__name__)
@@ -348,7 +348,8 @@ class G2TRGenerationMixin:
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        # `lm_head` is never quantized, and computes in fp32 in a model loaded in fp16 (`_keep_in_fp32_modules`).
+        logits = self.lm_head(hidden_states.to(dtype=compute_dtype(self.lm_head)))
         loss = None
         if labels is not None or shift_labels is not None:
             labels, shift_labels = compact_targets(outputs.kept_token_mask, labels, shift_labels)

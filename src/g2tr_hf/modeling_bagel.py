@@ -44,6 +44,7 @@ from transformers.utils.import_utils import is_diffusers_available
 
 from .compat import (
     CACHE_KWARG,
+    compute_dtype,
     drop_parallel_plans,
     execution_device,
     output_cache,
@@ -535,11 +536,11 @@ class BagelSiglipVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """pixel_values [P, 3*p*p], position_ids [P] -> [P, D]."""
-        weight = self.patch_embedding.weight
-        # The dtype of an offloaded weight is known (its meta copy keeps it); its device is not: the layer's hook moves
-        # the inputs.
-        embeddings = self.patch_embedding(pixel_values.to(dtype=weight.dtype))
-        return embeddings + self.position_embedding(position_ids)
+        # Only the dtype is set here: an offloaded layer's hook moves the inputs to its device. The patch embedding may
+        # compute in fp32 while the ViT runs in fp16 (`_keep_in_fp32_modules`), so its output joins the ViT's dtype.
+        embeddings = self.patch_embedding(pixel_values.to(dtype=compute_dtype(self.patch_embedding)))
+        positions = self.position_embedding(position_ids)
+        return embeddings.to(positions.dtype) + positions
 
 
 class BagelSiglipAttention(nn.Module):
@@ -586,7 +587,9 @@ class BagelSiglipMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        # `fc2` is never quantized, so in a model loaded in fp16 it computes in fp32 (`_keep_in_fp32_modules`).
+        return self.fc2(hidden_states.to(dtype=compute_dtype(self.fc2))).to(hidden_states.dtype)
 
 
 class BagelSiglipEncoderLayer(nn.Module):
@@ -738,7 +741,7 @@ class BagelTimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
-        embedding = self.timestep_embedding(timesteps).to(self.mlp[0].weight.dtype)
+        embedding = self.timestep_embedding(timesteps).to(dtype=compute_dtype(self.mlp[0]))
         return self.mlp(embedding)
 
 
@@ -960,6 +963,16 @@ class G2TRBagelModelOutputWithPast(BaseModelOutputWithPast):
     image_reductions: list[ReductionResult] | None = None
 
 
+# Module names that quantization must leave alone (`_keep_in_fp32_modules`), under both roots: the head model, where the
+# backbone is `model.` (what the Auto classes load), and the backbone loaded on its own. A name matches itself and
+# everything inside it; `*` stands for any layer index.
+_UNQUANTIZED_BACKBONE_MODULES = (
+    "vae", "vae2llm", "llm2vae", "time_embedder", "vit_model.vision_model.embeddings.patch_embedding",
+    "vit_model.vision_model.encoder.layers.*.mlp.fc2",
+)  # fmt: skip
+NOT_QUANTIZED = ["lm_head", *_UNQUANTIZED_BACKBONE_MODULES, *(f"model.{m}" for m in _UNQUANTIZED_BACKBONE_MODULES)]
+
+
 class G2TRBagelPreTrainedModel(G2TRSaveMixin, PreTrainedModel):
     config: G2TRBagelConfig
     config_class = G2TRBagelConfig
@@ -969,6 +982,12 @@ class G2TRBagelPreTrainedModel(G2TRSaveMixin, PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["BagelMoTDecoderLayer", "BagelSiglipEncoderLayer"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
+    # Never quantized (every transformers quantizer adds this list to the user's own `modules_to_not_convert` /
+    # `llm_int8_skip_modules`): the VAE, whose latents are the G2TR anchors and the generated image; the latent maps
+    # `vae2llm` / `llm2vae` and the timestep embedder on either side of it; the ViT patch embedding and the ViT MLPs'
+    # `fc2` (588 and 4304 inputs: no multiple of the int4 group sizes); `lm_head`. Loaded in fp16 they stay fp32
+    # (their outputs are cast back); bf16 and fp32 loads keep the requested dtype. See docs/quantization.md.
+    _keep_in_fp32_modules = NOT_QUANTIZED
     _supports_sdpa = True
     # Image blocks need a bidirectional span inside a causal mask, which a 2-D flash-attn padding mask cannot say.
     _supports_flash_attn = False
@@ -1095,7 +1114,7 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         The timestep code is computed in fp32, as upstream's `TimestepEmbedder` does (checked against upstream on
         the context prefill and the denoising path, fp32 differences below 1e-5).
         """
-        projected = self.vae2llm(latent_tokens.to(self.vae2llm.weight.dtype))
+        projected = self.vae2llm(latent_tokens.to(dtype=compute_dtype(self.vae2llm)))
         return projected + self.time_embedder(timesteps.reshape(-1)) + self.latent_pos_embed(latent_position_ids)
 
     # --- understanding-side features and the G2TR hook ------------------------------------------------------------
@@ -1256,7 +1275,7 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         return latents, config.g2tr_anchor_pool
 
     def _project_latent_anchors(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.vae2llm(pooled.to(device=execution_device(self.vae2llm), dtype=self.vae2llm.weight.dtype))
+        return self.vae2llm(pooled.to(device=execution_device(self.vae2llm), dtype=compute_dtype(self.vae2llm)))
 
     def _check_vae_inputs(self, vae_pixel_values, vae_image_hw) -> None:
         if not isinstance(vae_pixel_values, torch.Tensor) or vae_pixel_values.dim() != 4:
@@ -1919,7 +1938,7 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
             past_key_values=context,
             gen_token_mask=self._latent_token_mask(length, device),
         ).last_hidden_state
-        return self.model.llm2vae(hidden_states[0, 1:-1])
+        return self.model.llm2vae(hidden_states[0, 1:-1].to(dtype=compute_dtype(self.model.llm2vae)))
 
     @torch.no_grad()
     def decode_latent_tokens(self, latent_tokens: torch.Tensor, latent_grid: tuple[int, int]) -> torch.Tensor:

@@ -43,6 +43,7 @@ from transformers.utils.import_utils import is_diffusers_available
 
 from .compat import (
     CACHE_KWARG,
+    compute_dtype,
     drop_parallel_plans,
     execution_device,
     output_cache,
@@ -139,8 +140,10 @@ class InternViTEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, H, W] -> embeddings [N, 1 + (H/p)*(W/p), D]."""
-        dtype = self.patch_embedding.weight.dtype
-        patches = self.patch_embedding(pixel_values.to(dtype))  # [N, D, H/p, W/p]
+        # The ViT computes in its tables' dtype; the patch convolution takes its inputs in its own floating dtype.
+        dtype = self.position_embedding.dtype
+        pixels = pixel_values.to(dtype=compute_dtype(self.patch_embedding))
+        patches = self.patch_embedding(pixels).to(dtype)  # [N, D, H/p, W/p]
         batch_size, _, height, width = patches.shape
         patches = patches.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(dtype).expand(batch_size, 1, -1)
@@ -402,6 +405,13 @@ class G2TRInternVLUModelOutputWithPast(BaseModelOutputWithPast):
     image_reductions: list[ReductionResult] | None = None
 
 
+# Module names that quantization must leave alone (`_keep_in_fp32_modules`), under both roots: the head model, where the
+# backbone is `model.` (what the Auto classes load), and the backbone loaded on its own. A name matches itself and
+# everything inside it.
+_UNQUANTIZED_BACKBONE_MODULES = ("vae", "special_token_embedding")
+NOT_QUANTIZED = ["lm_head", *_UNQUANTIZED_BACKBONE_MODULES, *(f"model.{m}" for m in _UNQUANTIZED_BACKBONE_MODULES)]
+
+
 class G2TRInternVLUPreTrainedModel(G2TRSaveMixin, PreTrainedModel):
     config: G2TRInternVLUConfig
     config_class = G2TRInternVLUConfig
@@ -411,6 +421,11 @@ class G2TRInternVLUPreTrainedModel(G2TRSaveMixin, PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["InternViTLayer", "Qwen3DecoderLayer", "AutoencoderKLQwenImage"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
+    # Never quantized (every transformers quantizer adds this list to the user's own `modules_to_not_convert` /
+    # `llm_int8_skip_modules`): the VAE, whose latents are the G2TR anchors; `special_token_embedding`; `lm_head`.
+    # Loaded in fp16 they stay fp32 (their outputs are cast back); bf16 and fp32 loads keep the requested dtype.
+    # See docs/quantization.md.
+    _keep_in_fp32_modules = NOT_QUANTIZED
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True

@@ -108,6 +108,10 @@ class G2TRInternVLUGenerationDecoderConfig(PreTrainedConfig):
         all_cfg_scale, part_cfg_scale (`float`, defaults to 0.0): stored by the official config; the pipeline uses
             its own defaults (4.5 / 2.0) when these are 0.
         gen_image_height, gen_image_width (`int`, defaults to 512): text-to-image size when the caller gives none.
+        reference_min_pixels, reference_max_pixels (`int`, defaults to 512 * 512 and 1024 * 1024), reference_max_side
+            (`int`, defaults to 1024): the area range and longest side an edit's input image is resized into (in
+            multiples of 16) before its VAE encode: the official generation image processor's
+            `min_dynamic_patch` x 64, `max_dynamic_patch` x 64 and `max_length`.
     """
 
     model_type = "internvlu_generation_decoder"
@@ -128,6 +132,9 @@ class G2TRInternVLUGenerationDecoderConfig(PreTrainedConfig):
     part_cfg_scale: float | int = 0.0
     gen_image_height: int = 512
     gen_image_width: int = 512
+    reference_min_pixels: int = 512 * 512
+    reference_max_pixels: int = 1024 * 1024
+    reference_max_side: int | None = 1024
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -204,9 +211,10 @@ def _runs(mask: torch.Tensor) -> list[tuple[int, int, bool]]:
     """Maximal runs of a 1-D bool mask as (start, end, value)."""
     if mask.numel() == 0:
         return []
-    values = mask.tolist()
-    change = [0] + [i for i in range(1, len(values)) if values[i] != values[i - 1]] + [len(values)]
-    return [(change[i], change[i + 1], values[change[i]]) for i in range(len(change) - 1)]
+    mask = mask.bool()
+    bounds = [0, *(torch.nonzero(mask[1:] != mask[:-1]).flatten() + 1).tolist(), mask.numel()]
+    values = mask[bounds[:-1]].tolist()
+    return [(bounds[i], bounds[i + 1], values[i]) for i in range(len(values))]
 
 
 def build_sample_positions(
@@ -753,6 +761,9 @@ def build_tiny_generation_decoder_config(latent_channels: int = 4, context_dim: 
         output_hidden_size=context_dim,
         gen_image_height=64,
         gen_image_width=64,
+        reference_min_pixels=64 * 64,
+        reference_max_pixels=96 * 96,
+        reference_max_side=96,
     )
     values.update(overrides)
     return G2TRInternVLUGenerationDecoderConfig(**values)

@@ -215,7 +215,8 @@ def test_decoder_input_errors():
     with pytest.raises(ValueError, match="reference image\\(s\\) for a 8x8-patch target"):
         many = torch.randn(4, 4, 16, 16)
         model.prepare_conditioning(
-            **{**inputs, "conditional_input": [many] * 3, "image_grid_thw_gen_cond": [torch.tensor([[1, 16, 16]] * 4)] * 3}
+            **{**inputs, "conditional_input": [many] * 3,
+               "image_grid_thw_gen_cond": [torch.tensor([[1, 16, 16]] * 4)] * 3}
         )
     with pytest.raises(ValueError, match="holds 16 tokens but 3 kept indices"):
         model.prepare_conditioning(**inputs, image_keep_cond=[[torch.arange(3)], [None], []])

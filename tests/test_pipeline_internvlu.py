@@ -219,20 +219,23 @@ def test_reduced_positions_are_the_full_ones_without_the_dropped_rows(pipe, imag
     for row in (0, 1):
         vit = conditioning.calls[0][0][1][row]  # the full run's ViT mask of this row
         start = int(vit.nonzero()[0])
-        length = int(full_c.key_mask[row, -full_c.text_tokens.shape[1]:].sum())
+        length = full_c.text_positions[row].shape[0]
         rows = torch.cat([torch.arange(start), start + kept, torch.arange(start + tokens, length)])
-        expected = full_c.text_positions[row, :length][rows]
-        assert torch.equal(reduced_c.text_positions[row, : rows.numel()], expected)
+        expected = full_c.text_positions[row][rows]
+        assert torch.equal(reduced_c.text_positions[row], expected)
         # Same keep set in the conditional and image-only rows.
         assert torch.equal(conditioning.calls[1][1]["image_keep_cond"][row][0], kept)
-        # Official: the K tokens get 1-D positions and the text after them is shifted by K - (grid extent).
-        run = official_c.text_positions[row, start : start + kept.numel()]
+        # Official: the K tokens get 1-D positions and the text after them is shifted.
+        run = official_c.text_positions[row][start : start + kept.numel()]
         assert (run == run[:, :1]).all() and run[:, 0].tolist() == list(
             range(int(run[0, 0]), int(run[0, 0]) + kept.numel())
         )
-        after = official_c.text_positions[row, start + kept.numel(), 0]
+        after = official_c.text_positions[row][start + kept.numel(), 0]
         assert after == run[0, 0] + kept.numel() and after != expected[start + kept.numel(), 0]
-    assert torch.equal(reduced_c.image_positions, full_c.image_positions)
+    # Two layouts: the conditional and image-only rows (target + reference) and the unconditional row (target).
+    assert [group.rows.tolist() for group in reduced_c.groups] == [[0, 1], [2]]
+    assert reduced_c.groups[1].reference_tokens.shape[1] == 0
+    assert all(torch.equal(a, b) for a, b in zip(reduced_c.image_positions, full_c.image_positions))
     # Different positions and merges give a different image; the clean reduced image differs from the full one.
     assert not np.array_equal(np.asarray(reduced.images[0]), np.asarray(official.images[0]))
     assert not np.array_equal(np.asarray(reduced.images[0]), np.asarray(full.images[0]))

@@ -603,7 +603,8 @@ def _add_image_generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_bagel_image_commands(commands: argparse._SubParsersAction) -> None:
-    """`g2tr-hf edit --image IN --prompt ... -o OUT` and `g2tr-hf generate --prompt ... -o OUT` (BAGEL or InternVL-U)."""
+    """`g2tr-hf edit --image IN --prompt ... -o OUT` and `g2tr-hf generate --prompt ... -o OUT` (BAGEL or
+    InternVL-U)."""
     edit = commands.add_parser("edit", help="edit an image with BAGEL or InternVL-U (its ViT tokens reduced by G2TR)")
     edit.add_argument("--image", required=True, help="the input image")
     edit.add_argument("--ratio", type=float, default=0.5, help="G2TR keep ratio of the input's ViT tokens (0.5)")

@@ -57,6 +57,7 @@ __all__ = [
     "G2TRInternVLUGenerationDecoderConfig",
     "InternVLUMMDiT",
     "MMDiTConditioning",
+    "RowGroup",
     "build_sample_positions",
     "centred_axis",
     "grid_positions",
@@ -191,7 +192,9 @@ def centred_axis(size: int, scale: float = 1.0) -> torch.Tensor:
     official operation order (float32), e.g. 16 cells at 0.25 -> -32 .. 31 in steps of 4.2.
     """
     negative, positive = size - size // 2, size // 2
-    values = torch.cat([torch.arange(-negative, 0, dtype=torch.float32), torch.arange(0, positive, dtype=torch.float32)])
+    values = torch.cat(
+        [torch.arange(-negative, 0, dtype=torch.float32), torch.arange(0, positive, dtype=torch.float32)]
+    )
     if scale != 1.0 and size > 1:
         low, high = -negative, positive - 1
         target_low, target_high = -int(negative / scale), int(positive / scale) - 1
@@ -449,27 +452,48 @@ class FP32AdaLayerNormContinuous(nn.Module):
 
 
 @dataclass
-class MMDiTConditioning:
-    """Everything of a denoising call that does not change between steps (built once by `prepare_conditioning`).
+class RowGroup:
+    """Rows of a denoising batch that share their image-stream layout (the same target grid and number of reference
+    tokens), padded together; rows of different layouts run apart so that no row carries another's padding (the
+    unconditional row of an edit has no reference frame: batched with the others it would attend over as many
+    padding slots as the target has tokens).
 
     Attributes:
-        target_grids: [B, 2] (h, w) of each row's target in latent pixels (multiples of the patch size).
-        reference_tokens: [B, R, dim] projected reference patches (`img_in`), right-padded; R may be 0.
-        text_tokens: [B, T, dim] projected context (`txt_in(txt_norm(.))`), right-padded.
-        image_freqs: [B, N_max + R, Dh/2] complex rotations of the image stream (target slots first).
-        text_freqs: [B, T, Dh/2] complex rotations of the text stream.
-        key_mask: [B, N_max + R + T] bool, the real tokens (None when every row is full).
-        image_positions, text_positions: [B, *, 3] the positions themselves (for inspection and tests).
+        rows: [G] indices of the rows in the batch.
+        target_grid: (h, w) of the rows' targets in latent pixels.
+        reference_tokens: [G, R, dim] projected reference patches (`img_in`); R may be 0.
+        text_tokens: [G, T, dim] projected context (`txt_in(txt_norm(.))`), right-padded.
+        image_freqs: [G, N + R, Dh/2] complex rotations of the image stream (target first).
+        text_freqs: [G, T, Dh/2] complex rotations of the context.
+        key_mask: [G, N + R + T] bool, the real tokens (None when no row is padded).
     """
 
-    target_grids: torch.Tensor
+    rows: torch.Tensor
+    target_grid: tuple[int, int]
     reference_tokens: torch.Tensor
     text_tokens: torch.Tensor
     image_freqs: torch.Tensor
     text_freqs: torch.Tensor
     key_mask: torch.Tensor | None
-    image_positions: torch.Tensor
-    text_positions: torch.Tensor
+
+
+@dataclass
+class MMDiTConditioning:
+    """Everything of a denoising call that does not change between steps (built once by `prepare_conditioning`).
+
+    Attributes:
+        groups: the rows by image-stream layout (`RowGroup`).
+        image_positions: per row, [n_b + r_b, 3] positions of its target then reference tokens.
+        text_positions: per row, [L_b, 3] positions of its context tokens.
+    """
+
+    groups: list[RowGroup]
+    image_positions: list[torch.Tensor]
+    text_positions: list[torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.image_positions)
 
 
 def patchify(latent: torch.Tensor, patch: int) -> torch.Tensor:
@@ -572,7 +596,6 @@ class InternVLUMMDiT(nn.Module):
         conditional_input = conditional_input if conditional_input is not None else [None] * batch
         image_grid_thw_gen_cond = image_grid_thw_gen_cond if image_grid_thw_gen_cond is not None else [None] * batch
         image_keep_cond = image_keep_cond if image_keep_cond is not None else [None] * batch
-        device, dtype = self.img_in.weight.device, self.dtype
 
         references, image_positions, text_positions = [], [], []
         for row in range(batch):
@@ -595,35 +618,39 @@ class InternVLUMMDiT(nn.Module):
             image_positions.append(img_pos)
             text_positions.append(txt_pos)
 
-        # Image stream: [target slots (N_max) | references (R_max)]; text stream: context (T_max).
-        target_counts = [int(g[0] // patch) * int(g[1] // patch) for g in grids]
-        n_max, r_max = max(target_counts), max(r.shape[0] for r in references)
-        t_max = max(c.shape[0] for c in contexts)
-        image_pos = torch.zeros(batch, n_max + r_max, 3)
-        text_pos = torch.zeros(batch, t_max, 3)
-        key_mask = torch.zeros(batch, n_max + r_max + t_max, dtype=torch.bool)
-        reference_tokens = torch.zeros(batch, r_max, self.inner_dim, device=device, dtype=dtype)
-        text_states = torch.zeros(batch, t_max, contexts[0].shape[-1], device=device, dtype=dtype)
+        layouts: dict[tuple[int, int, int], list[int]] = {}
         for row in range(batch):
-            n, r, t = target_counts[row], references[row].shape[0], contexts[row].shape[0]
-            image_pos[row, :n] = image_positions[row][:n]
-            image_pos[row, n_max : n_max + r] = image_positions[row][n:]
-            text_pos[row, :t] = text_positions[row]
-            key_mask[row, :n] = True
-            key_mask[row, n_max : n_max + r] = True
-            key_mask[row, n_max + r_max : n_max + r_max + t] = True
-            reference_tokens[row, :r] = references[row]
-            text_states[row, :t] = contexts[row].to(device=device, dtype=dtype)
-        text_tokens = self.txt_in(self.txt_norm(text_states))
-        return MMDiTConditioning(
-            target_grids=grids,
-            reference_tokens=reference_tokens,
-            text_tokens=text_tokens,
+            key = (int(grids[row, 0]), int(grids[row, 1]), references[row].shape[0])
+            layouts.setdefault(key, []).append(row)
+        groups = [
+            self._row_group(rows, (h, w), [references[r] for r in rows], [contexts[r] for r in rows],
+                            [image_positions[r] for r in rows], [text_positions[r] for r in rows])
+            for (h, w, _), rows in layouts.items()
+        ]  # fmt: skip
+        return MMDiTConditioning(groups=groups, image_positions=image_positions, text_positions=text_positions)
+
+    def _row_group(self, rows, target_grid, references, contexts, image_positions, text_positions) -> RowGroup:
+        """Pad the context of rows that share an image layout; project it and build the rotations."""
+        device, dtype = self.img_in.weight.device, self.dtype
+        count = len(rows)
+        t_max = max(context.shape[0] for context in contexts)
+        text_states = torch.zeros(count, t_max, contexts[0].shape[-1], device=device, dtype=dtype)
+        text_pos = torch.zeros(count, t_max, 3)
+        text_mask = torch.zeros(count, t_max, dtype=torch.bool)
+        for index, (context, positions) in enumerate(zip(contexts, text_positions)):
+            text_states[index, : context.shape[0]] = context.to(device=device, dtype=dtype)
+            text_pos[index, : context.shape[0]] = positions
+            text_mask[index, : context.shape[0]] = True
+        image_pos = torch.stack(image_positions)
+        key_mask = torch.cat([torch.ones(count, image_pos.shape[1], dtype=torch.bool), text_mask], dim=1)
+        return RowGroup(
+            rows=torch.tensor(rows, dtype=torch.long),
+            target_grid=target_grid,
+            reference_tokens=torch.stack(references),
+            text_tokens=self.txt_in(self.txt_norm(text_states)),
             image_freqs=rope_frequencies(image_pos.to(device), self.axes_dims_rope),
             text_freqs=rope_frequencies(text_pos.to(device), self.axes_dims_rope),
             key_mask=None if bool(key_mask.all()) else key_mask.to(device),
-            image_positions=image_pos,
-            text_positions=text_pos,
         )
 
     def _reference_tokens(self, latents, grids, target: tuple[int, int], row: int):
@@ -662,39 +689,47 @@ class InternVLUMMDiT(nn.Module):
         Args:
             hidden_states: [B, C, H, W] noisy target latents (each row's target in its top-left h x w corner).
             timestep: [B] scheduler timesteps on the 0..1000 scale (cast to the model dtype, as upstream).
-            conditioning: from `prepare_conditioning`.
+            conditioning: from `prepare_conditioning` for the same B rows.
         Returns:
             [B, C, H, W] flow prediction (zeros outside each row's grid), in the model dtype.
         """
-        patch, dtype = self.patch_size, self.dtype
-        hidden_states = hidden_states.to(dtype)
-        batch = hidden_states.shape[0]
-        grids = conditioning.target_grids.tolist()
-        counts = [(h // patch) * (w // patch) for h, w in grids]
-        n_max = max(counts)
-        if len(set(map(tuple, grids))) == 1:
-            height, width = grids[0]
-            crop = hidden_states[:, :, :height, :width]
-            patches = (
-                crop.reshape(batch, crop.shape[1], height // patch, patch, width // patch, patch)
-                .permute(0, 2, 4, 1, 3, 5)
-                .reshape(batch, counts[0], -1)
+        if hidden_states.shape[0] != conditioning.batch_size:
+            raise ValueError(
+                f"`hidden_states` has {hidden_states.shape[0]} rows but the conditioning was built for "
+                f"{conditioning.batch_size}."
             )
-        else:
-            patches = hidden_states.new_zeros(batch, n_max, hidden_states.shape[1] * patch * patch)
-            for row, (height, width) in enumerate(grids):
-                patches[row, : counts[row]] = patchify(hidden_states[row, :, :height, :width], patch)
-        image = torch.cat([self.img_in(patches), conditioning.reference_tokens], dim=1)
-        text = conditioning.text_tokens
-        temb = self.time_text_embed(timestep.to(dtype), hidden_states)
-        for block in self.transformer_blocks:
-            image, text = block(
-                image, text, temb, conditioning.image_freqs, conditioning.text_freqs, conditioning.key_mask
-            )
-        output = self.proj_out(self.norm_out(image[:, :n_max], temb))
+        hidden_states = hidden_states.to(self.dtype)
+        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(hidden_states.shape[0])
         velocity = hidden_states.new_zeros(hidden_states.shape[0], self.out_channels, *hidden_states.shape[2:])
-        for row, (height, width) in enumerate(grids):
-            velocity[row, :, :height, :width] = unpatchify(output[row, : counts[row]], height, width, patch)
+        for group in conditioning.groups:
+            rows = group.rows.to(hidden_states.device)
+            velocity[rows] = self._group_velocity(hidden_states[rows], timestep[rows], group)
+        return velocity
+
+    def _group_velocity(self, hidden_states: torch.Tensor, timestep: torch.Tensor, group: RowGroup) -> torch.Tensor:
+        """The blocks over rows of one layout: [G, C, H, W] -> [G, C, H, W]."""
+        patch = self.patch_size
+        batch, channels = hidden_states.shape[:2]
+        height, width = group.target_grid
+        count = (height // patch) * (width // patch)
+        patches = (
+            hidden_states[:, :, :height, :width]
+            .reshape(batch, channels, height // patch, patch, width // patch, patch)
+            .permute(0, 2, 4, 1, 3, 5)
+            .reshape(batch, count, channels * patch * patch)
+        )
+        image = torch.cat([self.img_in(patches), group.reference_tokens], dim=1)
+        text = group.text_tokens
+        temb = self.time_text_embed(timestep.to(self.dtype), hidden_states)
+        for block in self.transformer_blocks:
+            image, text = block(image, text, temb, group.image_freqs, group.text_freqs, group.key_mask)
+        output = self.proj_out(self.norm_out(image[:, :count], temb))
+        velocity = hidden_states.new_zeros(batch, self.out_channels, *hidden_states.shape[2:])
+        velocity[:, :, :height, :width] = (
+            output.reshape(batch, height // patch, width // patch, self.out_channels, patch, patch)
+            .permute(0, 3, 1, 4, 2, 5)
+            .reshape(batch, self.out_channels, height, width)
+        )
         return velocity
 
 

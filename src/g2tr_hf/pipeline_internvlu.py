@@ -50,7 +50,7 @@ from transformers.utils.logging import tqdm
 from .compat import CACHE_KWARG
 from .generation_g2tr import compaction_index
 from .image_utils import load_image_source
-from .modeling_internvlu_gen import POSITION_MODES, G2TRInternVLUGenerationDecoder, MMDiTConditioning
+from .modeling_internvlu_gen import G2TRInternVLUGenerationDecoder, MMDiTConditioning
 from .processing_internvlu import IMAGE_PLACEHOLDER, normalize_question, to_rgb_image
 from .reduction import ReductionResult, build_latent_anchors, interpolate_channels, reduce_tokens, reduces_anything
 
@@ -310,7 +310,9 @@ class G2TRInternVLUPipeline(Pipeline):
 
     def __init__(self, model, processor=None, generation_decoder=None, scheduler=None, **kwargs) -> None:
         if processor is None:
-            raise ValueError("`processor` is required: the model's G2TRInternVLUProcessor (tokenizer + image processor).")
+            raise ValueError(
+                "`processor` is required: the model's G2TRInternVLUProcessor (tokenizer + image processor)."
+            )
         if DPMSolverMultistepScheduler is None:
             raise ImportError("G2TRInternVLUPipeline needs diffusers: `pip install diffusers`.")
         if getattr(model, "vae", None) is None:

@@ -869,7 +869,9 @@ class G2TRInternVLUPipeline(Pipeline):
         self._progress_bar_config = kwargs
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """The model, processor, generation decoder (`generation_decoder/`) and scheduler (`scheduler/`)."""
+        """The model, processor, generation decoder (`generation_decoder/`) and scheduler (`scheduler/`). For a folder
+        that also loads with `pipeline(..., trust_remote_code=True)` where g2tr_hf is not installed, use
+        `g2tr_hf.hub.export(model, processor, folder, generation_decoder=..., scheduler=...)`."""
         super().save_pretrained(save_directory, **kwargs)
         self.generation_decoder.save_pretrained(f"{save_directory}/generation_decoder")
         self.scheduler.save_pretrained(f"{save_directory}/scheduler")

@@ -269,11 +269,21 @@ def test_official_merge_absorbs_both_rows_and_clean_merge_is_shared(pipe, image)
 
 def test_cot_mode_writes_text_into_the_conditional_row(pipe, image, monkeypatch):
     rows = Recorder(monkeypatch, pipe, "_row_ids")
-    result = edit(pipe, image, think=True, max_think_tokens=4, g2tr_ratio=RATIO)
+    start = pipe.tokenizer.convert_tokens_to_ids("<img>")
+    result = edit(pipe, image, think=True, max_think_tokens=4, g2tr_ratio=1.0)
     assert isinstance(result.thoughts[0], str)
-    final_rows = rows.calls[-1][0][0]
-    assert final_rows[0].endswith(result.thoughts[0] + "<img>") and all(r.endswith("<img>") for r in final_rows)
-    assert not final_rows[1].endswith(result.thoughts[0] + "<img>") or result.thoughts[0] == ""
+    texts, suffixes = rows.calls[-1][0]
+    assert not any(text.endswith("<img>") for text in texts)  # CoT rows: `<img>` comes after the written ids
+    written = suffixes[0][:-1]
+    assert 1 <= len(written) <= 4 and suffixes[0][-1] == start and suffixes[1] == suffixes[2] == [start]
+    assert pipe.tokenizer.decode(written) == result.thoughts[0]
+    # The conditional row is the prompt followed by the written ids as generated (not re-tokenised text).
+    ids, mask = rows.results[-1]
+    assert ids[0, mask[0]][-len(written) - 1 :].tolist() == [*written, start]
+    # The official cut drops the token before the stop token (two without one); same tokens at ratio 1.0.
+    edit(pipe, image, think=True, max_think_tokens=4, g2tr_ratio=1.0, g2tr_mode="official")
+    official = rows.calls[-1][0][1][0][:-1]
+    assert official == written[: len(official)] and len(written) - len(official) in (1, 2)
 
 
 def test_bad_inputs_are_clear(pipe, image):

@@ -512,9 +512,22 @@ class G2TRInternVLUPipeline(Pipeline):
         doubled = dataclasses.replace(plan, merge_scaling=plan.merge_scaling / 2)
         return dataclasses.replace(plan, tokens=doubled.merge(features).to(plan.tokens.dtype))
 
-    def _row_ids(self, rows: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.tokenizer(rows, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
-        return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device).bool()
+    def _row_ids(
+        self, rows: list[str], suffixes: list[list[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of the rows, each followed by its `suffixes` ids (generated tokens are kept as ids, not
+        re-tokenised), left-padded: (input_ids [B, L], attention_mask [B, L] bool) on the pipeline's device."""
+        encoded = [self.tokenizer.encode(row, add_special_tokens=False) for row in rows]
+        if suffixes is not None:
+            encoded = [ids + list(suffix) for ids, suffix in zip(encoded, suffixes)]
+        length = max(len(ids) for ids in encoded)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros(len(encoded), length, dtype=torch.bool)
+        for row, ids in enumerate(encoded):
+            input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, length - len(ids) :] = True
+        return input_ids.to(self.device), attention_mask.to(self.device)
 
     def _embed_rows(
         self,
@@ -605,10 +618,10 @@ class G2TRInternVLUPipeline(Pipeline):
             vit_pixels = torch.cat([reference["vit_pixels"] for reference in references])
             features = self._base.get_image_features(vit_pixels).pooler_output
             plans = self.reduce_images(features, references, ratio)
-        thought = None
+        thought, suffixes = None, None
         if think:
-            thought, rows = self.think(rows, features, plans, g2tr_mode, max_think_tokens, show_progress)
-        input_ids, attention_mask = self._row_ids(rows)
+            thought, suffixes = self.think(rows, features, plans, g2tr_mode, max_think_tokens, show_progress)
+        input_ids, attention_mask = self._row_ids(rows, suffixes)
         embeds, attention_mask, input_ids, slot_plans = self._embed_rows(
             input_ids, attention_mask, features, plans, g2tr_mode, image_rows=2 if references else 0
         )
@@ -668,10 +681,15 @@ class G2TRInternVLUPipeline(Pipeline):
         )  # fmt: skip
 
     @torch.no_grad()
-    def think(self, rows, features, plans, g2tr_mode, max_think_tokens, show_progress=True) -> tuple[str, list[str]]:
+    def think(
+        self, rows, features, plans, g2tr_mode, max_think_tokens, show_progress=True
+    ) -> tuple[str, list[list[int]]]:
         """CoT mode: the conditional row (without `<img>`) writes up to `max_think_tokens` tokens greedily, stopping
-        at `<|im_end|>` or `<img>`; the text joins that row, then every row gets its `<img>`. The other rows get
-        none. The official code also drops the last token before the stop token; this keeps it."""
+        at `<|im_end|>` or `<img>`. Returns the text and the ids each row gets before its `<img>`: the written
+        tokens (kept as ids) for the conditional row, nothing for the others.
+
+        `g2tr_mode="official"` also reproduces the official cut, which drops the token before the stop token (two
+        tokens when no stop token came)."""
         config = self.model.config
         input_ids, attention_mask = self._row_ids(rows[:1])
         embeds, attention_mask, _, _ = self._embed_rows(
@@ -683,15 +701,18 @@ class G2TRInternVLUPipeline(Pipeline):
         embed_tokens = self._base.get_input_embeddings()
         offset = attention_mask.long().sum(-1)
         seen = attention_mask
-        tokens = []
+        tokens, stopped = [], False
         with self.progress_bar(total=max_think_tokens, disable=not show_progress) as progress:
             progress.set_description("thinking")
-            for _ in range(max_think_tokens):
+            for step in range(max_think_tokens):
                 token = int(self.model.lm_head(last[:, -1]).argmax(-1)[0])
                 progress.update()
                 if token in stops:
+                    stopped = True
                     break
                 tokens.append(token)
+                if step == max_think_tokens - 1:
+                    break  # the cap: no need to run the last token
                 step_mask = torch.ones(1, 1, dtype=torch.bool, device=self.device)
                 _, last, _ = self._run_language_model(
                     embed_tokens(torch.tensor([[token]], device=self.device)), step_mask, cache=(cache, seen),
@@ -699,9 +720,10 @@ class G2TRInternVLUPipeline(Pipeline):
                 )  # fmt: skip
                 seen = torch.cat([seen, step_mask], dim=-1)
                 offset = offset + 1
-        thought = self.tokenizer.decode(tokens)
-        rows = [rows[0] + thought + "<img>", rows[1] + "<img>", rows[2] + "<img>"]
-        return thought, rows
+        if g2tr_mode == "official":
+            tokens = tokens[: max(0, len(tokens) - (1 if stopped else 2))]
+        start = self.tokenizer.convert_tokens_to_ids("<img>")
+        return self.tokenizer.decode(tokens), [tokens + [start], [start], [start]]
 
     def denoise(
         self,

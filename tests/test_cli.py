@@ -190,18 +190,23 @@ def test_export_tiny_internvlu(internvlu_folder):
 
 
 @pytest.mark.parametrize("command", ["edit", "generate"])
-def test_edit_and_generate_need_a_bagel_model(command, internvlu_folder, tmp_path, capsys):
+def test_edit_and_generate_on_internvlu(command, internvlu_folder, tmp_path, capsys):
     from PIL import Image
 
-    argv = [command, "--prompt", "make it red", "-o", str(tmp_path / "out.png")]
+    argv = [command, "--prompt", "make it red", "-o", str(tmp_path / "out.png"), "--steps", "2"]
     if command == "edit":
-        Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+        Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
         argv += ["--image", str(tmp_path / "in.png")]
-    for model in ("tiny-internvlu", str(internvlu_folder)):
-        assert main(argv + ["--model", model]) == 2
-        line = _one_error_line(capsys.readouterr().err, command)
-        assert "needs a BAGEL model" in line and "g2tr_internvl_u" in line
+    # A folder without the generation decoder is refused before anything heavy is loaded.
+    assert main(argv + ["--model", str(internvlu_folder)]) == 2
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert "needs InternVL-U's generation decoder" in line and "generation_decoder/" in line
+    assert main(argv + ["--model", "tiny-internvlu", "--cfg-interval", "0", "1"]) == 2
+    assert "--cfg-interval: BAGEL options" in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists()
+    assert main(argv + ["--model", "tiny-internvlu"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny built-in InternVL-U" in out and "2 denoising steps" in out and (tmp_path / "out.png").is_file()
 
 
 def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypatch):

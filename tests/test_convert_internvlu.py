@@ -22,6 +22,8 @@ from g2tr_hf import convert_internvlu as convert_module
 from g2tr_hf.configuration_internvlu import SPECIAL_TOKENS, TINY_TOKEN_IDS
 from g2tr_hf.convert_internvlu import convert_internvlu
 from g2tr_hf.modeling_internvlu import G2TRInternVLUForConditionalGeneration
+from g2tr_hf.modeling_internvlu_gen import G2TRInternVLUGenerationDecoder, build_tiny_generation_decoder_config
+from g2tr_hf.pipeline_internvlu import DEFAULT_SCHEDULER_CONFIG, G2TRInternVLUPipeline
 from g2tr_hf.tiny import build_tiny
 
 
@@ -110,7 +112,8 @@ def official_processor_config(processor) -> dict:
             "crop_to_patches": False,
         },
         "image_gen_processor_class": "InternVLUDynamicResGenerationImageProcessor",
-        "image_gen_processor_kwargs": {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "vae_downsample_factor": 8},
+        "image_gen_processor_kwargs": {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "vae_downsample_factor": 8,
+                                       "min_dynamic_patch": 64, "max_dynamic_patch": 144, "max_length": 96},
         "image_seq_length": processor.image_seq_length,
     }
 
@@ -129,6 +132,35 @@ def _save_vlm_weights(state: dict[str, torch.Tensor], folder: Path, shards: int)
     (folder / "model.safetensors.index.json").write_text(json.dumps(index_json))
 
 
+def tiny_decoder(model) -> G2TRInternVLUGenerationDecoder:
+    config = build_tiny_generation_decoder_config(
+        latent_channels=model.config.vae_config["z_dim"], context_dim=2 * model.config.text_config.hidden_size
+    )
+    torch.manual_seed(1)
+    return G2TRInternVLUGenerationDecoder(config).eval()
+
+
+def write_official_generation_decoder(folder: Path, model) -> None:
+    """`generation_decoder/` as `InternVLUGenerationDecoder` writes it: its own config keys (training keys
+    included, the MMDiT under `decoder_config` with diffusers' bookkeeping) and the official weight names."""
+    decoder = tiny_decoder(model)
+    folder.mkdir()
+    config = {
+        "architectures": ["InternVLUGenerationDecoder"], "model_type": "internvlu_generation_decoder",
+        "is_composition": False, "decoder_projector_type": "identity", "vae_projector_type": "mlp2x_gelu",
+        "input_hidden_size": decoder.config.input_hidden_size, "output_hidden_size": decoder.config.output_hidden_size,
+        "decoder_config": {"_class_name": "InternVLUTransformer2DModel", **decoder.config.decoder_config,
+                           "video_position_scale_factor": 1.0, "vlm_cond_position_scale_factor": 0.25},
+        "padding_encoder_hidden_states": True, "pad_to_fix_length": False, "max_sequence_length": 768,
+        "weighting_scheme": "logit_normal", "vlm_select_layer": [-1, -2], "flow_shift": 3.0,
+        "video_position_scale_factor": 1.0, "vlm_cond_position_scale_factor": 0.25, "vae_downsample_factor": 8,
+        "transformers_version": "4.52.3",
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {k: v.detach().clone().contiguous() for k, v in decoder.state_dict().items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 def write_official_snapshot(root: Path, model, processor, *, shards: int = 1) -> Path:
     """Write `model` + `processor` as the InternVL-U Hub repository lays them out. Returns `root`."""
     vlm = root / "vlm"
@@ -141,12 +173,10 @@ def write_official_snapshot(root: Path, model, processor, *, shards: int = 1) ->
     model.vae.save_pretrained(root / "vae")  # diffusers names: config.json + diffusion_pytorch_model.safetensors
     processor.tokenizer.save_pretrained(root / "processor")
     (root / "processor" / "processor_config.json").write_text(json.dumps(official_processor_config(processor)))
-    # The image-generation head: present in the real repository, ignored by the converter.
-    (root / "generation_decoder").mkdir()
-    (root / "generation_decoder" / "config.json").write_text(json.dumps({"model_type": "internvlu_generation_decoder"}))
-    save_file({"encoder_padding_token": torch.zeros(1, 4)}, root / "generation_decoder" / "model.safetensors")
+    # The image-generation head, as the official repository stores it (a tiny random decoder).
+    write_official_generation_decoder(root / "generation_decoder", model)
     (root / "scheduler").mkdir()
-    scheduler = {"_class_name": "DPMSolverMultistepScheduler"}
+    scheduler = {"_class_name": "DPMSolverMultistepScheduler", **DEFAULT_SCHEDULER_CONFIG}
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     model_index = {
         "_class_name": "InternVLUPipeline",
@@ -228,7 +258,8 @@ def test_convert_then_load_gives_the_source_logits(snapshot, tiny, inputs, tmp_p
     generation = json.loads((destination / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [TINY_TOKEN_IDS["<|im_end|>"], TINY_TOKEN_IDS["<img>"]]
     assert not (destination / "model.safetensors").exists()  # it would shadow the index
-    assert not (destination / "generation_decoder").exists()
+    # The generation head comes along in its own folder, outside the understanding model's index.
+    assert (destination / "generation_decoder" / "config.json").is_file()
     for code in ("configuration_internvlu.py", "modeling_internvlu.py", "processing_internvlu.py", "reduction.py"):
         assert (destination / code).is_file()
     readme = (destination / "README.md").read_text()
@@ -392,3 +423,64 @@ def test_cli_convert_internvlu(snapshot, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert cli_main(["convert", "internvlu", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The generation head
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_the_generation_head_comes_along(snapshot, tiny, tmp_path):
+    model, processor = tiny
+    folder = convert_internvlu(snapshot, tmp_path / "converted")
+    decoder_folder = folder / "generation_decoder"
+    assert (decoder_folder / "model.safetensors").stat().st_ino == (
+        snapshot / "generation_decoder" / "model.safetensors"
+    ).stat().st_ino  # linked, not rewritten: the official names load as they are
+    config = json.loads((folder / "config.json").read_text())
+    assert config["custom_pipelines"]["g2tr-internvlu-image-generation"]["impl"] == (
+        "pipeline_internvlu.G2TRInternVLUPipeline"
+    )
+    assert (folder / "pipeline_internvlu.py").is_file() and (folder / "modeling_internvlu_gen.py").is_file()
+    loaded = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=False)
+    pipe = G2TRInternVLUPipeline(loaded, AutoProcessor.from_pretrained(folder), device="cpu")
+    source = tiny_decoder(model)
+    for key, value in source.state_dict().items():
+        assert torch.equal(pipe.generation_decoder.state_dict()[key], value), key
+    assert pipe.generation_decoder.config.reference_max_side == 96
+    assert pipe.generation_decoder.config.reference_min_pixels == 64 * 64
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++" and pipe.scheduler.config.use_flow_sigmas
+    direct = G2TRInternVLUPipeline(model, processor, generation_decoder=source, scheduler=pipe.scheduler, device="cpu")
+    direct.generation_decoder.config.reference_max_side = 96
+    image = PIL.Image.fromarray((np.random.RandomState(2).rand(40, 56, 3) * 255).astype(np.uint8))
+    settings = dict(num_inference_steps=2, g2tr_ratio=1.0, show_progress=False)  # converted: min_keep 32
+    expected = direct(prompt="make it red", image=image, generator=torch.Generator().manual_seed(0), **settings)
+    got = pipe(prompt="make it red", image=image, generator=torch.Generator().manual_seed(0), **settings)
+    np.testing.assert_array_equal(np.asarray(got.images[0]), np.asarray(expected.images[0]))
+
+
+def test_understanding_only_without_the_generation_head(snapshot, tmp_path):
+    folder = convert_internvlu(snapshot, tmp_path / "plain", generation=False)
+    assert not (folder / "generation_decoder").exists() and not (folder / "scheduler").exists()
+    assert "custom_pipelines" not in json.loads((folder / "config.json").read_text())
+    assert not (folder / "pipeline_internvlu.py").exists()
+    partial = tmp_path / "snapshot-without-head"
+    shutil.copytree(snapshot, partial, symlinks=True)
+    shutil.rmtree(partial / "generation_decoder")
+    folder = convert_internvlu(partial, tmp_path / "plain2")
+    assert not (folder / "generation_decoder").exists()
+    AutoModelForImageTextToText.from_pretrained(folder)  # the understanding model still loads
+    with pytest.raises(ValueError, match="`generation=True` but `source`"):
+        convert_internvlu(partial, tmp_path / "plain3", generation=True)
+
+
+def test_a_decoder_that_disagrees_with_its_config_is_named(snapshot, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(snapshot, broken, symlinks=True)
+    config_path = broken / "generation_decoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["decoder_config"]["num_layers"] = 3
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="generation_decoder/ does not match its config.json: lacks 32 weights"):
+        convert_internvlu(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

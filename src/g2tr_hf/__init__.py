@@ -17,7 +17,9 @@ from .configuration_g2tr import G2TRConfig
 from .configuration_internvlu import G2TRInternVLUConfig
 from .modeling_bagel import G2TRBagelForConditionalGeneration
 from .modeling_internvlu import G2TRInternVLUForConditionalGeneration
+from .modeling_internvlu_gen import G2TRInternVLUGenerationDecoder, G2TRInternVLUGenerationDecoderConfig
 from .pipeline_bagel import G2TRBagelPipeline, G2TRBagelPipelineOutput
+from .pipeline_internvlu import G2TRInternVLUPipeline, G2TRInternVLUPipelineOutput
 from .processing_bagel import G2TRBagelImageProcessor, G2TRBagelProcessor
 from .processing_internvlu import G2TRInternVLUImageProcessor, G2TRInternVLUProcessor
 from .reduction import (
@@ -31,7 +33,7 @@ from .reduction import (
     reduce_tokens_batched,
     register_method,
 )
-from .tiny import build_tiny
+from .tiny import build_tiny, build_tiny_internvlu_generation
 
 
 __version__ = "0.1.0.dev0"
@@ -66,12 +68,17 @@ __all__ = [
     "G2TRConfig",
     "G2TRInternVLUConfig",
     "G2TRInternVLUForConditionalGeneration",
+    "G2TRInternVLUGenerationDecoder",
+    "G2TRInternVLUGenerationDecoderConfig",
     "G2TRInternVLUImageProcessor",
+    "G2TRInternVLUPipeline",
+    "G2TRInternVLUPipelineOutput",
     "G2TRInternVLUProcessor",
     "ReductionResult",
     "available_methods",
     "build_latent_anchors",
     "build_tiny",
+    "build_tiny_internvlu_generation",
     "interpolate_channels",
     "keep_count",
     "latent_cell_index",

@@ -474,9 +474,12 @@ def _add_internvlu_file_commands(commands: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------------------ edit / generate
 
 
-def _bagel_pipeline(args: argparse.Namespace, command: str):
-    """The BAGEL editing / generation pipeline of `--model` (default: the tiny built-in BAGEL); and a description."""
+def _image_pipeline(args: argparse.Namespace, command: str):
+    """The editing / generation pipeline of `--model` (default: the tiny built-in BAGEL): BAGEL's, or InternVL-U's
+    for a folder that holds its generation decoder; and a description."""
     source = resolve_model(args.model or "tiny-bagel")
+    if source.model_type == "g2tr_internvl_u":
+        return _internvlu_pipeline(args, source, command)
     _require_model_type(source, command, "g2tr_bagel")
     model_kwargs = {} if source.kind == "tiny" else {"dtype": args.dtype}
     model, processor = load_model(source, args.trust_remote_code, **model_kwargs)
@@ -489,10 +492,55 @@ def _bagel_pipeline(args: argparse.Namespace, command: str):
     return G2TRBagelPipeline(model=model, processor=processor, device=args.device), label
 
 
-def _image_generation_settings(args: argparse.Namespace) -> dict:
+# Options of the BAGEL sampler that InternVL-U's has no counterpart for.
+_BAGEL_ONLY_OPTIONS = (("cfg_interval", "--cfg-interval"), ("cfg_renorm_type", "--cfg-renorm-type"),
+                       ("cfg_renorm_min", "--cfg-renorm-min"))  # fmt: skip
+
+
+def _internvlu_pipeline(args: argparse.Namespace, source: ModelSource, command: str):
+    given = [option for name, option in _BAGEL_ONLY_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise CLIError(f"{', '.join(given)}: BAGEL options; InternVL-U's sampler has no such setting")
+    from .pipeline_internvlu import G2TRInternVLUPipeline
+
+    if source.kind == "tiny":
+        from .tiny import build_tiny_internvlu_generation
+
+        model, processor, decoder, scheduler = build_tiny_internvlu_generation()
+        pipe = G2TRInternVLUPipeline(
+            model, processor, generation_decoder=decoder, scheduler=scheduler, device=args.device
+        )
+        return pipe, "the tiny built-in InternVL-U (random weights, so the image is noise)"
+    if source.kind == "folder" and not (Path(source.location) / "generation_decoder" / "config.json").is_file():
+        raise CLIError(
+            f"`--model`: `g2tr-hf {command}` needs InternVL-U's generation decoder, but {source.name!r} has no "
+            "generation_decoder/ (convert the official snapshot with its generation_decoder/ and scheduler/)"
+        )
+    model, processor = load_model(source, args.trust_remote_code, dtype=args.dtype)
+    try:
+        pipe = G2TRInternVLUPipeline(model, processor, device=args.device)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"`--model`: cannot load the generation decoder of {source.name!r}: {_first_line(error)}")
+    return pipe, source.label
+
+
+def _default_steps(pipe) -> int:
+    return 20 if type(pipe).__name__ == "G2TRInternVLUPipeline" else 50
+
+
+def _image_generation_settings(args: argparse.Namespace, pipe) -> dict:
     """The sampler options shared by `edit` and `generate` (None = the task's recommended value)."""
+    steps = args.steps if args.steps is not None else _default_steps(pipe)
+    if type(pipe).__name__ == "G2TRInternVLUPipeline":
+        return dict(
+            num_inference_steps=steps,
+            cfg_text_scale=args.cfg_text_scale,
+            cfg_img_scale=args.cfg_img_scale,
+            timestep_shift=args.timestep_shift,
+            think=args.think,
+        )
     return dict(
-        num_inference_steps=args.steps,
+        num_inference_steps=steps,
         cfg_text_scale=args.cfg_text_scale,
         cfg_img_scale=args.cfg_img_scale,
         cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
@@ -503,7 +551,7 @@ def _image_generation_settings(args: argparse.Namespace) -> dict:
     )
 
 
-def _save_generated(args: argparse.Namespace, output, source: str, what: str, seconds: float) -> int:
+def _save_generated(args: argparse.Namespace, output, source: str, what: str, seconds: float, steps: int) -> int:
     destination = Path(args.output)
     destination.parent.mkdir(parents=True, exist_ok=True)
     image = output.images[0]
@@ -511,7 +559,7 @@ def _save_generated(args: argparse.Namespace, output, source: str, what: str, se
     print(f"{what} through {source}:")
     if output.thoughts[0] is not None:
         print(f"  plan (think mode):           {output.thoughts[0]!r}")
-    print(f"  {args.steps - 1} denoising steps in {seconds:.2f} s; {image.width}x{image.height} image written to "
+    print(f"  {steps} denoising steps in {seconds:.2f} s; {image.width}x{image.height} image written to "
           f"{destination}")
     return 0
 
@@ -522,17 +570,18 @@ def _edit(args: argparse.Namespace) -> int:
     import torch
 
     image = _read_image(args.image)
-    pipe, source = _bagel_pipeline(args, "edit")
+    pipe, source = _image_pipeline(args, "edit")
+    settings = _image_generation_settings(args, pipe)
     start = time.perf_counter()
     output = pipe(
         prompt=args.prompt,
         image=image,
         g2tr_ratio=args.ratio,
         generator=torch.Generator().manual_seed(args.seed),
-        **_image_generation_settings(args),
+        **settings,
     )
     what = f"Edit of {args.image} (g2tr_ratio {args.ratio if args.ratio is not None else 'of the model'})"
-    return _save_generated(args, output, source, what, time.perf_counter() - start)
+    return _save_generated(args, output, source, what, time.perf_counter() - start, _evaluations(pipe, settings))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -540,24 +589,37 @@ def _generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    pipe, source = _bagel_pipeline(args, "generate")
+    pipe, source = _image_pipeline(args, "generate")
+    settings = _image_generation_settings(args, pipe)
     start = time.perf_counter()
     output = pipe(
         prompt=args.prompt,
         height=args.height,
         width=args.width,
         generator=torch.Generator().manual_seed(args.seed),
-        **_image_generation_settings(args),
+        **settings,
     )
-    return _save_generated(args, output, source, "Text-to-image", time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return _save_generated(args, output, source, "Text-to-image", elapsed, _evaluations(pipe, settings))
+
+
+def _evaluations(pipe, settings: dict) -> int:
+    """Denoising steps actually run: BAGEL's N schedule points give N - 1 steps, InternVL-U's N steps are N."""
+    steps = settings["num_inference_steps"]
+    return steps if type(pipe).__name__ == "G2TRInternVLUPipeline" else steps - 1
 
 
 def _add_image_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", help="a g2tr_hf BAGEL folder, a Hub repo id (owner/name) or tiny-bagel (the default)"
+        "--model",
+        help="a g2tr_hf BAGEL folder or an InternVL-U folder with its generation_decoder/, a Hub repo id "
+        "(owner/name), tiny-bagel (the default) or tiny-internvlu",
     )
     parser.add_argument("--prompt", required=True, help="the instruction")
-    parser.add_argument("--steps", type=int, default=50, help="points on the flow schedule (default 50: 49 steps)")
+    parser.add_argument(
+        "--steps", type=int, default=None,
+        help="BAGEL: points on the flow schedule (default 50: 49 steps); InternVL-U: solver steps (default 20)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     parser.add_argument("--cfg-text-scale", type=float, default=None, help="text guidance (default: the preset)")
     parser.add_argument("--cfg-img-scale", type=float, default=None, help="image guidance (default: the preset)")
@@ -578,15 +640,16 @@ def _add_image_generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_bagel_image_commands(commands: argparse._SubParsersAction) -> None:
-    """`g2tr-hf edit --image IN --prompt ... -o OUT` and `g2tr-hf generate --prompt ... -o OUT` (BAGEL pipeline)."""
-    edit = commands.add_parser("edit", help="edit an image with BAGEL (its ViT tokens reduced by G2TR)")
+    """`g2tr-hf edit --image IN --prompt ... -o OUT` and `g2tr-hf generate --prompt ... -o OUT` (BAGEL or
+    InternVL-U)."""
+    edit = commands.add_parser("edit", help="edit an image with BAGEL or InternVL-U (its ViT tokens reduced by G2TR)")
     edit.add_argument("--image", required=True, help="the input image")
     edit.add_argument("--ratio", type=float, default=0.5, help="G2TR keep ratio of the input's ViT tokens (0.5)")
     edit.add_argument("-o", "--output", default="g2tr_edit.png", help="where to write the PNG")
     _add_image_generation_options(edit)
     edit.set_defaults(run=_edit)
 
-    generate = commands.add_parser("generate", help="text-to-image with BAGEL")
+    generate = commands.add_parser("generate", help="text-to-image with BAGEL or InternVL-U")
     generate.add_argument("--height", type=int, default=None, help="multiple of 16 (default 1024, or the model's max)")
     generate.add_argument("--width", type=int, default=None, help="multiple of 16 (default 1024, or the model's max)")
     generate.add_argument("-o", "--output", default="g2tr_generate.png", help="where to write the PNG")

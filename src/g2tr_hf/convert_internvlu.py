@@ -8,7 +8,7 @@ The official repository is a diffusers-style multi-folder pipeline:
     vae/config.json                   diffusers AutoencoderKLQwenImage
     vae/diffusion_pytorch_model.safetensors   194 tensors, diffusers names (or an index + shards)
     processor/                        tokenizer files + processor_config.json
-    generation_decoder/, scheduler/   the image-generation head: not needed for understanding, left alone
+    generation_decoder/, scheduler/   the image-generation head (MMDiT + DPM-Solver++ settings)
 
 The converted folder holds:
 
@@ -21,7 +21,12 @@ The converted folder holds:
   file holding that exact key;
 - `model.safetensors.index.json` mapping every key to one of those files;
 - the tokenizer and processor files, `generation_config.json` (stops at `<|im_end|>` and `<img>`), the flat remote
-  code and a model card.
+  code and a model card;
+- when the snapshot has them (or `generation=True`): `generation_decoder/` (its safetensors linked as they are,
+  the official names load unchanged, and our config with the snapshot's values plus the generation image
+  processor's resize limits) and `scheduler/scheduler_config.json`, and `config.json` lists `G2TRInternVLUPipeline`
+  under `custom_pipelines` (editing and text-to-image from the same folder). Without them the folder is the
+  understanding model alone.
 
 With `max_shard_size` the weights (`vlm/` and VAE) are instead re-written as `model-0000i-of-0000n.safetensors`
 shards, every tensor copied bit for bit, one shard in memory at a time.
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +54,7 @@ from .hub import (
     atomic_directory,
     model_auto_map,
     model_card_template,
+    model_pipelines,
     place_file,
     render_model_card,
     shard_size_bytes,
@@ -71,6 +78,8 @@ __all__ = ["convert_internvlu"]
 
 VLM_FOLDER = "vlm"
 VAE_FOLDER = "vae"
+DECODER_FOLDER = "generation_decoder"
+SCHEDULER_FOLDER = "scheduler"
 # Where the tokenizer may live, in the order searched: the official snapshot keeps it in `processor/` (vLLM-Omni
 # loads it with tokenizer_subdir="processor"); the others accept hand-assembled snapshots.
 TOKENIZER_FOLDERS = ("processor", "tokenizer", "vlm", ".")
@@ -330,6 +339,71 @@ def _check_weights(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The generation head
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _decoder_config(source: Path, processor_config: Path):
+    """Our decoder config from `generation_decoder/config.json`, with the reference resize limits of the official
+    generation image processor (`min_dynamic_patch` / `max_dynamic_patch` x stride^2, `max_length`) where stated."""
+    from .modeling_internvlu_gen import G2TRInternVLUGenerationDecoderConfig
+
+    values = _read_json(source / DECODER_FOLDER / "config.json")
+    values = {k: v for k, v in values.items() if k not in _UPSTREAM_ONLY_KEYS and k != "is_composition"}
+    official = _read_json(processor_config) if processor_config.is_file() else {}
+    gen = official.get("image_gen_processor_kwargs") or {}
+    stride = int(gen.get("vae_downsample_factor", values.get("vae_downsample_factor", 8)))
+    if "min_dynamic_patch" in gen:
+        values["reference_min_pixels"] = int(gen["min_dynamic_patch"]) * stride**2
+    if "max_dynamic_patch" in gen:
+        values["reference_max_pixels"] = int(gen["max_dynamic_patch"]) * stride**2
+    if "max_length" in gen:
+        values["reference_max_side"] = gen["max_length"]
+    try:
+        return G2TRInternVLUGenerationDecoderConfig(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source / DECODER_FOLDER / 'config.json'}: {error}") from None
+
+
+def _check_decoder_weights(decoder_config, headers: dict) -> None:
+    from .modeling_internvlu_gen import G2TRInternVLUGenerationDecoder
+
+    with torch.device("meta"):
+        decoder = G2TRInternVLUGenerationDecoder(decoder_config)
+    expected = {key: tuple(value.shape) for key, value in decoder.state_dict().items()}
+    stored = {key: shape for key, (_, shape, _) in headers.items()}
+    absent = sorted(set(expected) - set(stored))
+    wrong = sorted(key for key in set(expected) & set(stored) if expected[key] != stored[key])
+    if absent or wrong:
+        problems = [f"lacks {len(absent)} weights, e.g. {absent[:3]}"] if absent else []
+        problems += [f"{key}: stored {stored[key]}, config gives {expected[key]}" for key in wrong[:3]]
+        raise ValueError(f"{DECODER_FOLDER}/ does not match its config.json: {'; '.join(problems)}.")
+
+
+def _write_generation_head(source: Path, staging: Path, decoder_config, files: list[Path], link: str) -> None:
+    """Link the decoder weights (and their index) under their own names, write our decoder config and the
+    scheduler config (InternVL-U's DPM-Solver++ settings when the snapshot has none)."""
+    from .pipeline_internvlu import DEFAULT_SCHEDULER_CONFIG
+
+    target = staging / DECODER_FOLDER
+    target.mkdir()
+    for path in files:
+        place_file(path, target / path.name, link)
+    index = source / DECODER_FOLDER / "model.safetensors.index.json"
+    if index.is_file():
+        shutil.copyfile(index, target / index.name)
+    decoder_config.save_pretrained(target)
+    scheduler = staging / SCHEDULER_FOLDER
+    scheduler.mkdir()
+    official = source / SCHEDULER_FOLDER / "scheduler_config.json"
+    if official.is_file():
+        shutil.copyfile(official, scheduler / official.name)
+    else:
+        config = {"_class_name": "DPMSolverMultistepScheduler", **DEFAULT_SCHEDULER_CONFIG}
+        (scheduler / "scheduler_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -363,6 +437,7 @@ def convert_internvlu(
     model_card: str | os.PathLike | None = None,
     overwrite: bool = False,
     max_shard_size: int | str | None = None,
+    generation: bool | None = None,
 ) -> Path:
     """Convert an official InternVL-U snapshot folder `source` into a loadable folder `destination`.
 
@@ -379,6 +454,9 @@ def convert_internvlu(
         overwrite: replace an existing destination.
         max_shard_size: None (default) links the `vlm/` files as described by `link`; a size in bytes or like
             "5GB" re-writes all weights as shards of at most that size instead (`link` is then not used).
+        generation: bring the generation head (`generation_decoder/`, `scheduler/`) along, so that
+            `G2TRInternVLUPipeline` loads from the folder: None = when the snapshot has `generation_decoder/`,
+            True = required, False = understanding only.
     Returns:
         The destination folder.
     """
@@ -401,6 +479,15 @@ def convert_internvlu(
     )
     processor = _build_processor(tokenizer, tokenizer_folder / "processor_config.json", config)
 
+    has_decoder = (source / DECODER_FOLDER / "config.json").is_file()
+    if generation and not has_decoder:
+        raise ValueError(f"`generation=True` but `source` {str(source)!r} has no {DECODER_FOLDER}/config.json.")
+    decoder_config = decoder_files = None
+    if has_decoder and generation is not False:
+        decoder_config = _decoder_config(source, tokenizer_folder / "processor_config.json")
+        decoder_files = _weight_files(source / DECODER_FOLDER, "model.safetensors")
+        _check_decoder_weights(decoder_config, _tensor_headers(decoder_files))
+
     stored = {key: shape for key, (_, shape, _) in vlm_headers.items()}
     stored.update({f"{VAE_FOLDER}.{key}": shape for key, (_, shape, _) in vae_headers.items()})
     _check_weights(_expected_shapes(config), stored)
@@ -408,6 +495,9 @@ def convert_internvlu(
     weight_map = {key: _linked_name(path) for key, (path, _, _) in vlm_headers.items()}
     weight_map.update({f"{VAE_FOLDER}.{key}": "vae.safetensors" for key in vae_headers})
     config.auto_map = model_auto_map(type(config), G2TRInternVLUForConditionalGeneration, type(processor))
+    custom_pipelines, pipeline_classes = model_pipelines(config, has_generation_decoder=decoder_config is not None)
+    if custom_pipelines:
+        config.custom_pipelines = custom_pipelines
     template = Path(model_card) if model_card is not None else model_card_template("internvlu")
     card = render_model_card(
         template, repo_id=Path(destination).name, ratio=ratio, min_keep=config.g2tr_min_keep, source=source.name
@@ -431,7 +521,10 @@ def convert_internvlu(
             pad_token_id=config.text_config.pad_token_id,
         ).save_pretrained(staging)
         processor.save_pretrained(staging)
-        write_remote_code(staging, [type(config), G2TRInternVLUForConditionalGeneration, type(processor)])
+        if decoder_config is not None:
+            _write_generation_head(source, staging, decoder_config, decoder_files, link)
+        classes = [type(config), G2TRInternVLUForConditionalGeneration, type(processor), *pipeline_classes]
+        write_remote_code(staging, classes)
         (staging / "README.md").write_text(card, encoding="utf-8")
     logger.info("Converted %s to %s", source, destination)
     return Path(destination)

@@ -211,16 +211,22 @@ def _class_ref(cls: type) -> str:
     return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
 
 
-def model_pipelines(config) -> tuple[dict, list[type]]:
+def model_pipelines(config, has_generation_decoder: bool = False) -> tuple[dict, list[type]]:
     """The custom pipelines a model folder ships: (`config.custom_pipelines` entry, pipeline classes).
 
     BAGEL with its generation path ships `G2TRBagelPipeline` (editing / text-to-image), so that
-    `pipeline(model=folder, trust_remote_code=True)` builds it from the same folder and weights.
+    `pipeline(model=folder, trust_remote_code=True)` builds it from the same folder and weights. InternVL-U ships
+    `G2TRInternVLUPipeline` when the folder also holds its generation decoder (`generation_decoder/`).
     """
     if getattr(config, "model_type", None) == "g2tr_bagel" and getattr(config, "visual_gen", False):
         from .pipeline_bagel import G2TRBagelPipeline, custom_pipelines_config
 
         return custom_pipelines_config(), [G2TRBagelPipeline]
+    if getattr(config, "model_type", None) == "g2tr_internvl_u" and has_generation_decoder:
+        from .pipeline_internvlu import G2TRInternVLUPipeline
+        from .pipeline_internvlu import custom_pipelines_config as internvlu_pipelines
+
+        return internvlu_pipelines(), [G2TRInternVLUPipeline]
     return {}, []
 
 
@@ -436,6 +442,8 @@ def export(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     safe_serialization: bool = True,
+    generation_decoder=None,
+    scheduler=None,
 ) -> Path:
     """Write a folder that loads with `trust_remote_code=True` where g2tr_hf is not installed.
 
@@ -449,18 +457,33 @@ def export(
         max_shard_size: the largest safetensors file, in bytes or as "5GB" (default); larger models are split into
             `model-0000i-of-0000n.safetensors` with a `model.safetensors.index.json`.
         overwrite: replace an existing folder.
+        generation_decoder, scheduler: InternVL-U's generation decoder and its scheduler, written to
+            `generation_decoder/` and `scheduler/` (the folder then also ships `G2TRInternVLUPipeline`).
     Returns:
         The folder path.
     """
     shard_bytes = shard_size_bytes(max_shard_size)
     config = model.config
     config.auto_map = model_auto_map(type(config), type(model), type(processor) if processor is not None else None)
-    custom_pipelines, pipeline_classes = model_pipelines(config)
+    custom_pipelines, pipeline_classes = model_pipelines(config, has_generation_decoder=generation_decoder is not None)
     if custom_pipelines:
         config.custom_pipelines = custom_pipelines
     card = model_card if model_card is not None else default_model_card(config, repo_id or Path(path).name)
+    if not custom_pipelines and getattr(config, "model_type", None) == "g2tr_internvl_u" and getattr(
+        config, "custom_pipelines", None
+    ):
+        # Without its generation decoder the folder cannot serve the editing pipeline an earlier export listed.
+        from .pipeline_internvlu import PIPELINE_TASK as INTERNVLU_TASK
+
+        config.custom_pipelines = {k: v for k, v in config.custom_pipelines.items() if k != INTERNVLU_TASK} or None
     with atomic_directory(path, overwrite=overwrite) as staging:
         model.save_pretrained(staging, safe_serialization=safe_serialization, max_shard_size=shard_bytes)
+        if generation_decoder is not None:
+            generation_decoder.save_pretrained(
+                staging / "generation_decoder", safe_serialization=safe_serialization, max_shard_size=shard_bytes
+            )
+        if scheduler is not None:
+            scheduler.save_pretrained(staging / "scheduler")
         if processor is not None:
             processor.save_pretrained(staging)
         classes = [type(config), type(model)] + ([type(processor)] if processor is not None else [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-__all__ = ["TINY_MODELS", "build_tiny"]
+__all__ = ["TINY_MODELS", "build_tiny", "build_tiny_internvlu_generation"]
 
 TINY_MODELS = ("bagel", "internvlu")
 
@@ -63,3 +63,20 @@ def build_tiny(name: str, seed: int = 0):
         torch.manual_seed(seed)
         model, processor = _BUILDERS[name]()
     return model.eval(), processor
+
+
+def build_tiny_internvlu_generation(seed: int = 0):
+    """The tiny InternVL-U (`build_tiny("internvlu", seed)`) with a tiny random generation decoder (2 MMDiT layers,
+    context width 2 x 64) and InternVL-U's scheduler: `(model, processor, generation_decoder, scheduler)`, for
+    `G2TRInternVLUPipeline`. Images up to 64 px (8x8 latents)."""
+    from .modeling_internvlu_gen import G2TRInternVLUGenerationDecoder, build_tiny_generation_decoder_config
+    from .pipeline_internvlu import DEFAULT_SCHEDULER_CONFIG, DPMSolverMultistepScheduler
+
+    model, processor = build_tiny("internvlu", seed)
+    config = build_tiny_generation_decoder_config(
+        latent_channels=model.config.vae_config["z_dim"], context_dim=2 * model.config.text_config.hidden_size
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        decoder = G2TRInternVLUGenerationDecoder(config)
+    return model, processor, decoder.eval(), DPMSolverMultistepScheduler(**DEFAULT_SCHEDULER_CONFIG)

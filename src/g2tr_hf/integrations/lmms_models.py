@@ -14,7 +14,8 @@ config decides), a Hub repo id, or `tiny-bagel` / `tiny-internvlu` (random weigh
 model argument is listed in `G2TRLMMs.__init__`; an unknown one is an error, not silently ignored. Each sample's
 `token_counts` in the `--log_samples` output carry, next to lmms-eval's `input_tokens` / `output_tokens`, the
 reduction's budget: `image_tokens`, `kept_tokens`, `kv_entries`, `kv_entries_unreduced`, `prefill_flops`,
-`prefill_flops_unreduced`, `batch_prefill_seconds`, `batch_size`, `g2tr_ratio`, `g2tr_method`.
+`prefill_flops_unreduced`, `batch_prefill_seconds`, `batch_size`, `g2tr_ratio`, `g2tr_method` and the `rank`
+of the process that answered.
 """
 
 from __future__ import annotations
@@ -227,7 +228,12 @@ class G2TRLMMs(lmms):
         config = self._model.config
         results = []
         for answer in answers:
-            budget = {**answer.budget.to_dict(), "g2tr_ratio": config.g2tr_ratio, "g2tr_method": config.g2tr_method}
+            budget = {
+                **answer.budget.to_dict(),
+                "g2tr_ratio": config.g2tr_ratio,
+                "g2tr_method": config.g2tr_method,
+                "rank": self._rank,
+            }
             counts = G2TRTokenCounts(
                 input_tokens=answer.budget.kv_entries, output_tokens=answer.output_tokens, budget=budget
             )

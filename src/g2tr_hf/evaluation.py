@@ -37,6 +37,7 @@ __all__ = [
     "plan_runs",
     "read_run",
     "relative_average",
+    "resolve_benchmark",
 ]
 
 
@@ -93,6 +94,16 @@ BENCHMARKS: dict[str, Benchmark] = {
 # The understanding set of the G2TR paper (Table 2), and the extras token-reduction papers usually add.
 PAPER_UNDERSTANDING = ("MME", "MMBench", "MMVP", "RWQA")
 EXTRA_UNDERSTANDING = ("POPE", "GQA", "TextVQA")
+
+
+def resolve_benchmark(name: str) -> Benchmark:
+    """A known column (`BENCHMARKS`), or any task's metric written `task:metric` (scaled x100: an accuracy)."""
+    if name in BENCHMARKS:
+        return BENCHMARKS[name]
+    task, _, metric = name.partition(":")
+    if not task or not metric:
+        raise ValueError(f"`benchmarks` must be among {list(BENCHMARKS)} or written task:metric, got {name!r}.")
+    return Benchmark(name, (task,), (metric,), 100.0)
 
 
 # ------------------------------------------------------------------------------------------------------- planning
@@ -235,7 +246,9 @@ def _model_args(text: str) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in pairs}
 
 
-def read_run(folder: str | Path, model: str | None = None, method: str | None = None) -> RunSummary:
+def read_run(
+    folder: str | Path, model: str | None = None, method: str | None = None, benchmarks: Sequence[str] | None = None
+) -> RunSummary:
     """Read one lmms-eval output folder (`--output_path`, searched recursively): the scores of every results file
     in it (a later file wins for a task run twice), the ratio / method from the g2tr `model_args`, and the budget
     from the samples files.
@@ -259,7 +272,8 @@ def read_run(folder: str | Path, model: str | None = None, method: str | None = 
             for line in lines:
                 if line.strip():
                     records += [record for record in json.loads(line).get("token_counts") or [] if record]
-    scores = {name: value for name, b in BENCHMARKS.items() if (value := b.score(results)) is not None}
+    columns = [resolve_benchmark(name) for name in benchmarks] if benchmarks else list(BENCHMARKS.values())
+    scores = {b.name: value for b in columns if (value := b.score(results)) is not None}
     ratio = float(arguments["g2tr_ratio"]) if "g2tr_ratio" in arguments else None
     run_method = arguments.get("g2tr_method", "g2tr")
     if method is None:
@@ -308,9 +322,8 @@ def format_table(runs: Sequence[RunSummary], benchmarks: Sequence[str] | None = 
     if benchmarks is None:
         present = {name for run in runs for name in run.scores}
         benchmarks = [name for name in (*PAPER_UNDERSTANDING, *EXTRA_UNDERSTANDING) if name in present]
-    unknown = [name for name in benchmarks if name not in BENCHMARKS]
-    if unknown:
-        raise ValueError(f"`benchmarks` must be among {list(BENCHMARKS)}, got {unknown}.")
+    for name in benchmarks:
+        resolve_benchmark(name)  # a clear error for an unknown column
     header = ["Model", "Method", "Ratio", *benchmarks, "Rel. Avg."]
     if budget:
         header += ["Kept img tok", "KV entries", "KV", "Prefill FLOPs", "Prefill ms/sample"]

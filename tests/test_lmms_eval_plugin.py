@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -e '.[eval]')")
@@ -95,13 +96,41 @@ def evaluate(task_dir: Path, model_args: str, batch_size: int = 3) -> list[dict]
 
 
 @pytest.fixture(scope="module")
-def samples(task_dir):
-    """Logged samples of every (model, ratio, method) run."""
+def folders(tmp_path_factory):
+    """The tiny models saved as model folders (what `g2tr-hf convert` / `export` write), one per model."""
+    saved = {}
+    for model in ("bagel", "internvlu"):
+        folder = tmp_path_factory.mktemp(f"tiny_{model}")
+        network, processor = build_tiny(model)
+        network.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        saved[model] = folder
+    return saved
+
+
+@pytest.fixture(scope="module")
+def samples(task_dir, folders):
+    """Logged samples of every (model, ratio, method) run, each model loaded from its folder."""
     return {
-        (model, ratio, method): evaluate(task_dir, f"pretrained=tiny-{model},g2tr_ratio={ratio},g2tr_method={method}")
+        (model, ratio, method): evaluate(
+            task_dir, f"pretrained={folders[model]},g2tr_ratio={ratio},g2tr_method={method},dtype=float32"
+        )
         for model in ("bagel", "internvlu")
         for ratio, method in RUNS
     }
+
+
+@pytest.mark.parametrize("model", ["bagel", "internvlu"])
+def test_a_model_folder_loads_through_the_auto_classes(folders, model):
+    from g2tr_hf.integrations.lmms_models import G2TRLMMs
+
+    lm = G2TRLMMs.create_from_arg_string(
+        f"pretrained={folders[model]},g2tr_ratio=0.25,g2tr_method=pool", {"batch_size": "4", "device": "cpu"}
+    )
+    expected = {"bagel": "G2TRBagelForConditionalGeneration", "internvlu": "G2TRInternVLUForConditionalGeneration"}
+    assert type(lm.model).__name__ == expected[model]
+    assert (lm.model.config.g2tr_ratio, lm.model.config.g2tr_method, lm.batch_size) == (0.25, "pool", 4)
+    assert lm.device == torch.device("cpu") and (lm.rank, lm.world_size) == (0, 1)
 
 
 def test_the_entry_point_registers_the_model():
@@ -157,7 +186,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_process_data_parallel_run_equals_one_process(samples, task_dir, tmp_path):
+def test_two_process_data_parallel_run_equals_one_process(samples, folders, task_dir, tmp_path):
     """`g2tr-hf eval run` under `accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo): every document
     answered once, by both ranks between them, with the answers and budgets of the single-process run."""
     output = tmp_path / "runs"
@@ -166,10 +195,10 @@ def test_two_process_data_parallel_run_equals_one_process(samples, task_dir, tmp
     port = _free_port()
     launcher = f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes 2 --main_process_port {port}"
     command = [
-        sys.executable, "-m", "g2tr_hf.cli", "eval", "run", "--model", "tiny-bagel", "--tasks", TASK,
+        sys.executable, "-m", "g2tr_hf.cli", "eval", "run", "--model", str(folders["bagel"]), "--tasks", TASK,
         "--include-path", str(task_dir), "--ratios", "0.25", "--methods", "random", "--batch-size", "3",
         "--output-dir", str(output), "--launcher", launcher, "--benchmarks", f"{TASK}:exact_match",
-        "--output", str(tmp_path / "table.md"),
+        "--output", str(tmp_path / "table.md"), "--model-args", "dtype=float32",
     ]  # fmt: skip
     environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
@@ -185,4 +214,4 @@ def test_two_process_data_parallel_run_equals_one_process(samples, task_dir, tmp
         assert [s["token_counts"][0][key] for s in parallel] == [s["token_counts"][0][key] for s in single]
     table = (tmp_path / "table.md").read_text()
     assert table.splitlines()[0].startswith(f"| Model | Method | Ratio | {TASK}:exact_match | Rel. Avg. |")
-    assert "| tiny-bagel | random | 0.25 |" in table
+    assert f"| {folders['bagel'].name} | random | 0.25 |" in table

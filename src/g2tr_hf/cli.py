@@ -624,9 +624,11 @@ def _eval_run(args: argparse.Namespace) -> int:
     specs = plan_runs(args.ratios, args.methods)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    # lmms-eval reads a --limit below 1 as a fraction of each task, anything else as a document count.
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     configs = lmms_eval_configs(
         args.model, specs, args.tasks, output, batch_size=args.batch_size, include_path=args.include_path,
-        limit=args.limit, model_args=args.model_args,
+        limit=limit, model_args=args.model_args,
     )  # fmt: skip
     config_file = output / "lmms_eval_config.json"
     config_file.write_text(json.dumps(configs, indent=2), encoding="utf-8")

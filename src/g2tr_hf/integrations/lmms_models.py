@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import PIL.Image
 import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
@@ -219,7 +220,11 @@ class G2TRLMMs(lmms):
         for request in requests:
             context, generation, doc_to_visual, doc_id, task, split = request.args[:6]
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
-            images = tuple(visual.convert("RGB") for visual in (visuals or []) if visual is not None)
+            visuals = [visual for visual in (visuals or []) if visual is not None]
+            if not all(isinstance(visual, PIL.Image.Image) for visual in visuals):
+                kinds = sorted({type(visual).__name__ for visual in visuals})
+                raise ValueError(f"Task {task!r} gives visuals of types {kinds}; g2tr models take images only.")
+            images = tuple(visual.convert("RGB") for visual in visuals)
             work.append(UnderstandingRequest(context, images, dict(generation or {})))
         progress = self._progress_bar(len(work))
         answers = self.answerer(work, progress=progress.update if progress is not None else None)

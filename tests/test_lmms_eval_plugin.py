@@ -133,6 +133,21 @@ def test_a_model_folder_loads_through_the_auto_classes(folders, model):
     assert lm.device == torch.device("cpu") and (lm.rank, lm.world_size) == (0, 1)
 
 
+def test_device_map_loads_one_model_and_refuses_a_multi_process_launch(folders, monkeypatch):
+    from g2tr_hf.integrations.batch_generation import UnderstandingRequest
+    from g2tr_hf.integrations.lmms_models import G2TRLMMs
+
+    arguments = f"pretrained={folders['bagel']},g2tr_ratio=0.5,device_map=auto"
+    split = G2TRLMMs.create_from_arg_string(arguments)
+    assert split.device == split.model.device  # placed by from_pretrained (here: all on the CPU), not moved after
+    whole = G2TRLMMs.create_from_arg_string(f"pretrained={folders['bagel']},g2tr_ratio=0.5,device=cpu")
+    request = [UnderstandingRequest("What is it?", (PIL.Image.new("RGB", (64, 64), "red"),), {"max_new_tokens": 3})]
+    assert split.answerer(request)[0].text == whole.answerer(request)[0].text
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="`device_map` splits one model"):
+        G2TRLMMs.create_from_arg_string(arguments)
+
+
 def test_the_entry_point_registers_the_model():
     registered = {entry.name: entry.value for entry in entry_points(group="lmms_eval.models")}
     assert registered.get("g2tr") == "g2tr_hf.integrations.lmms_plugin:manifests", (

@@ -609,13 +609,14 @@ def _evaluations(pipe, settings: dict) -> int:
     return steps if type(pipe).__name__ == "G2TRInternVLUPipeline" else steps - 1
 
 
-def _add_image_generation_options(parser: argparse.ArgumentParser) -> None:
+def _add_image_generation_options(parser: argparse.ArgumentParser, prompt: bool = True) -> None:
     parser.add_argument(
         "--model",
         help="a g2tr_hf BAGEL folder or an InternVL-U folder with its generation_decoder/, a Hub repo id "
         "(owner/name), tiny-bagel (the default) or tiny-internvlu",
     )
-    parser.add_argument("--prompt", required=True, help="the instruction")
+    if prompt:
+        parser.add_argument("--prompt", required=True, help="the instruction")
     parser.add_argument(
         "--steps", type=int, default=None,
         help="BAGEL: points on the flow schedule (default 50: 49 steps); InternVL-U: solver steps (default 20)",
@@ -655,6 +656,201 @@ def _add_bagel_image_commands(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("-o", "--output", default="g2tr_generate.png", help="where to write the PNG")
     _add_image_generation_options(generate)
     generate.set_defaults(run=_generate)
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+
+
+def _float_list(value: str) -> list[float]:
+    try:
+        return [float(item) for item in value.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _name_list(value: str) -> list[str]:
+    names = [item.strip() for item in value.split(",") if item.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {value!r}")
+    return names
+
+
+def _benchmarks(args: argparse.Namespace) -> list[str] | None:
+    from .evaluation import EXTRA_UNDERSTANDING, PAPER_UNDERSTANDING
+
+    if args.benchmarks in (None, "auto"):
+        return None
+    if args.benchmarks == "paper":
+        return list(PAPER_UNDERSTANDING)
+    if args.benchmarks == "all":
+        return [*PAPER_UNDERSTANDING, *EXTRA_UNDERSTANDING]
+    return _name_list(args.benchmarks)
+
+
+def _write_table(runs, args: argparse.Namespace) -> None:
+    from .evaluation import format_table, table_records
+
+    benchmarks = _benchmarks(args)
+    table = format_table(runs, benchmarks)
+    print(table, end="")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(table, encoding="utf-8")
+    if args.json:
+        columns = benchmarks or sorted({name for run in runs for name in run.scores})
+        Path(args.json).write_text(json.dumps(table_records(runs, columns), indent=2), encoding="utf-8")
+
+
+def _eval_table(args: argparse.Namespace) -> int:
+    from .evaluation import parse_labelled_folder, read_run
+
+    runs = []
+    for value in args.runs:
+        label, folder = parse_labelled_folder(value)
+        try:
+            runs.append(read_run(folder, method=label, benchmarks=_benchmarks(args)))
+        except FileNotFoundError as error:
+            raise CLIError(f"`RUN`: {error}") from None
+    _write_table(runs, args)
+    return 0
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .evaluation import lmms_eval_command, lmms_eval_configs, plan_runs, read_run
+
+    resolve_model(args.model)  # a bad --model fails here, not after lmms-eval has started
+    specs = plan_runs(args.ratios, args.methods)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    # lmms-eval reads a --limit below 1 as a fraction of each task, anything else as a document count.
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    configs = lmms_eval_configs(
+        args.model, specs, args.tasks, output, batch_size=args.batch_size, include_path=args.include_path,
+        limit=limit, model_args=args.model_args,
+    )  # fmt: skip
+    config_file = output / "lmms_eval_config.json"
+    config_file.write_text(json.dumps(configs, indent=2), encoding="utf-8")
+    command = lmms_eval_command(config_file, args.launcher)
+    print(f"Running {len(specs)} lmms-eval runs ({', '.join(spec.name for spec in specs)}): {' '.join(command)}")
+    log = output / "lmms_eval.log"
+    with log.open("w", encoding="utf-8") as log_file:
+        completed = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, check=False)
+    runs, missing = [], []
+    for spec in specs:
+        try:
+            runs.append(read_run(output / spec.name, benchmarks=_benchmarks(args)))
+        except FileNotFoundError:
+            missing.append(spec.name)
+    # lmms-eval logs a failed run and goes on to the next one (exit status 0), so the results files decide.
+    if completed.returncode != 0 or missing:
+        raise CLIError(
+            f"lmms-eval {'exited with status ' + str(completed.returncode) if completed.returncode else 'wrote no'}"
+            f" results{' for ' + ', '.join(missing) if missing else ''}; see {log}"
+        )
+    _write_table(runs, args)
+    return 0
+
+
+def _add_table_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--benchmarks",
+        default="auto",
+        help="columns: paper (MME, MMBench, MMVP, RWQA), all (+ POPE, GQA, TextVQA), a comma list of those or of "
+        "task:metric (e.g. my_task:exact_match, shown x100), or auto (every known benchmark the runs have; default)",
+    )
+    parser.add_argument("-o", "--output", default=None, help="also write the Markdown table to this file")
+    parser.add_argument("--json", default=None, help="also write the rows (unrounded) as JSON to this file")
+
+
+def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
+    """`g2tr-hf eval run ...`, `g2tr-hf eval table ...` and `g2tr-hf eval-edit ...`."""
+    evaluation = _model_subcommands(
+        commands, "eval", "paired understanding evaluations (vanilla vs reduced) through lmms-eval, and their table"
+    )
+    run = evaluation.add_parser(
+        "run",
+        help="run lmms-eval for every (method, ratio) and the unreduced model, then write the table",
+        description="Plans one lmms-eval run per (method, ratio), ratio 1.0 once, as one lmms-eval config file; "
+        "runs it (needs `pip install lmms-eval`); reads the results back and prints the paper-style table.",
+    )
+    run.add_argument("--model", required=True, help="a g2tr_hf model folder, a Hub repo id, or tiny-bagel / "
+                     "tiny-internvlu")  # fmt: skip
+    run.add_argument("--tasks", type=_name_list, required=True, help="lmms-eval tasks, e.g. "
+                     "mme,mmbench_en_dev_static,mmvp,realworldqa")  # fmt: skip
+    run.add_argument("--ratios", type=_float_list, default=[1.0, 0.5], help="keep ratios (default 1.0,0.5)")
+    run.add_argument("--methods", type=_name_list, default=["g2tr"], help="selection methods (default g2tr)")
+    run.add_argument("--output-dir", required=True, help="one sub-folder per run, plus the config and the log")
+    run.add_argument("--batch-size", type=int, default=1, help="rows per generate call (default 1)")
+    run.add_argument("--limit", type=float, default=None, help="lmms-eval --limit (docs per task, or a fraction)")
+    run.add_argument("--include-path", default=None, help="extra lmms-eval task folder (local tasks)")
+    run.add_argument("--model-args", default="", help="further g2tr model arguments, e.g. dtype=bfloat16")
+    run.add_argument(
+        "--launcher",
+        default=None,
+        help="run lmms-eval under this launcher, e.g. 'accelerate launch --num_processes 8' (data parallel)",
+    )
+    _add_table_options(run)
+    run.set_defaults(run=_eval_run)
+
+    table = evaluation.add_parser(
+        "table",
+        help="read lmms-eval output folders and write the paper-style table",
+        description="Reads lmms-eval output folders (--output_path of g2tr runs) and prints the paper-style table: "
+        "scores, relative average against each model's ratio-1.0 run, and budget columns.",
+    )
+    table.add_argument("runs", nargs="+", metavar="RUN", help="an output folder, or LABEL=FOLDER to name its row")
+    _add_table_options(table)
+    table.set_defaults(run=_eval_table)
+
+    edit = commands.add_parser(
+        "eval-edit",
+        help="edit every sample of an edit set and write the outputs in GEdit-Bench's or ImgEdit's layout",
+        description="Runs the BAGEL editing pipeline over an edit set (.jsonl of key/image/instruction, or "
+        "ImgEdit's JSON) and writes the images where the benchmark's scorer reads them. Scoring is yours.",
+    )
+    edit.add_argument("--edit-set", required=True, help=".jsonl (key, image, instruction[, task_type, "
+                      "instruction_language]) or ImgEdit's .json")  # fmt: skip
+    edit.add_argument("--image-root", default=None, help="folder the set's image paths are relative to "
+                      "(default: the set's folder)")  # fmt: skip
+    edit.add_argument("--output-dir", required=True, help="where the layout starts")
+    edit.add_argument("--layout", choices=("gedit", "imgedit"), default="gedit", help="output layout (default gedit)")
+    edit.add_argument("--model-name", default="g2tr", help="GEdit-Bench's <model_name> folder (default g2tr)")
+    edit.add_argument("--ratio", type=float, default=0.5, help="G2TR keep ratio (0.5; 1.0 = unreduced)")
+    edit.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    edit.add_argument("--overwrite", action="store_true", help="redo outputs that exist (default: keep them)")
+    _add_image_generation_options(edit, prompt=False)
+    edit.set_defaults(run=_eval_edit)
+
+
+def _eval_edit(args: argparse.Namespace) -> int:
+    import os
+
+    from .edit_evaluation import PipelineEditor, read_edit_set, run_edit_set
+
+    try:
+        samples = read_edit_set(args.edit_set, args.image_root)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"`--edit-set`: {_first_line(error)}") from None
+    samples = samples[: args.limit] if args.limit is not None else samples
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and args.device is None:
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    pipe, source = _image_pipeline(args, "eval-edit")
+    settings = _image_generation_settings(args, pipe)
+    steps = settings.pop("num_inference_steps")
+    editor = PipelineEditor(pipe, g2tr_ratio=args.ratio, num_inference_steps=steps, pipeline_kwargs=settings)
+    records = run_edit_set(
+        editor, samples, args.output_dir, layout=args.layout, model_name=args.model_name, seed=args.seed,
+        rank=rank, world_size=world_size, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"{len(records)} edits through {source} written to {args.output_dir} ({args.layout} layout; rank {rank} of "
+          f"{world_size}, {len(samples[rank::world_size]) - len(records)} already there)")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------------ the parser
@@ -714,6 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bagel_file_commands(commands)
     _add_internvlu_file_commands(commands)
     _add_bagel_image_commands(commands)
+    _add_eval_commands(commands)
     _add_common_options(parser)
     return parser
 

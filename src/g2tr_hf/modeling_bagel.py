@@ -62,7 +62,7 @@ from .generation_g2tr import (
     open_compact_cache,
     stored_length,
 )
-from .reduction import ReductionResult, build_latent_anchors, reduce_tokens
+from .reduction import ReductionResult, build_latent_anchors, method_needs_anchors, reduce_tokens
 
 
 if is_diffusers_available():
@@ -1013,7 +1013,9 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             merged tokens [sum K, D], kept packed indices [sum K] (ascending within each image), and the plans.
         """
         config = self.config
-        if latents is None:
+        if not method_needs_anchors(config.g2tr_method):
+            latents = [None] * image_grid_hw.shape[0]  # an anchor-free method (random, pool, ...): no VAE encode
+        elif latents is None:
             latents = self.encode_vae_latents(vae_pixel_values, vae_image_hw)
         if len(latents) != image_grid_hw.shape[0]:
             raise ValueError(
@@ -1023,16 +1025,19 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         per_image = features.split([h * w for h, w in grids])
         results, kept, offset = [], [], 0
         for image_features, grid, latent in zip(per_image, grids, latents):
-            anchors, anchor_grid = build_latent_anchors(
-                latent,
-                patch_size=config.latent_patch_size,
-                pool=config.g2tr_latent_pool,
-                project=self._project_latent_anchors,
-            )
+            anchors, anchor_grid = None, None
+            if latent is not None:
+                anchors, anchor_grid = build_latent_anchors(
+                    latent,
+                    patch_size=config.latent_patch_size,
+                    pool=config.g2tr_latent_pool,
+                    project=self._project_latent_anchors,
+                )
+                anchors = anchors.to(image_features.dtype)
             result = reduce_tokens(
                 image_features,
                 grid,
-                anchors.to(image_features.dtype),
+                anchors,
                 anchor_grid,
                 ratio=ratio,
                 **config.g2tr_reduction_kwargs(),
@@ -1066,17 +1071,19 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         if ratio >= 1.0:
             # The unreduced upstream path, untouched: no VAE encode, no plan.
             return features + self.vit_pos_embed(image_position_ids), None, None
-        if getattr(self, "vae", None) is None or not self.config.visual_gen:
+        if not method_needs_anchors(self.config.g2tr_method):
+            pass  # no anchors, hence no VAE and no VAE inputs needed
+        elif getattr(self, "vae", None) is None or not self.config.visual_gen:
             raise ValueError(
                 f"g2tr_ratio={ratio} < 1 needs the VAE for its latent anchors, but this model has none "
                 "(`config.visual_gen=False` or diffusers is not installed). Use g2tr_ratio=1.0."
             )
-        if latents is None and (vae_pixel_values is None or vae_image_hw is None):
+        elif latents is None and (vae_pixel_values is None or vae_image_hw is None):
             raise ValueError(
                 f"g2tr_ratio={ratio} < 1 needs `vae_pixel_values` and `vae_image_hw` (the VAE-sized images the "
                 "processor returns) to build the latent anchors."
             )
-        if latents is None and vae_image_hw.shape[0] != image_grid_hw.shape[0]:
+        elif latents is None and vae_image_hw.shape[0] != image_grid_hw.shape[0]:
             raise ValueError(
                 f"`vae_image_hw` has {vae_image_hw.shape[0]} images but `image_grid_hw` has {image_grid_hw.shape[0]}."
             )

@@ -62,6 +62,7 @@ from .reduction import (
     ReductionResult,
     build_latent_anchors,
     interpolate_channels,
+    method_needs_anchors,
     reduce_tokens,
     reduces_anything,
 )
@@ -560,14 +561,18 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
             One `ReductionResult` per image (keep [K], tokens [K, hidden_size], ...).
         """
         side = self.config.image_grid_size
-        # The anchors only steer the selection: no gradient flows into the VAE.
-        with torch.no_grad():
-            anchors = self.get_latent_anchors(vae_pixel_values, vae_pixel_sizes)
+        if not method_needs_anchors(self.config.g2tr_method):
+            # An anchor-free method (random, pool, ...): no VAE encode.
+            anchors = [(None, None)] * image_features.shape[0]
+        else:
+            # The anchors only steer the selection: no gradient flows into the VAE.
+            with torch.no_grad():
+                anchors = self.get_latent_anchors(vae_pixel_values, vae_pixel_sizes)
         return [
             reduce_tokens(
                 features,
                 (side, side),
-                image_anchors.to(device=features.device, dtype=features.dtype),
+                None if image_anchors is None else image_anchors.to(device=features.device, dtype=features.dtype),
                 anchor_grid,
                 ratio=ratio,
                 **self.config.g2tr_reduction_kwargs(),
@@ -740,9 +745,13 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
                 ratio = self.config.resolve_g2tr_ratio(g2tr_ratio)
                 num_images, tokens_per_image = image_features.shape[:2]
                 if reduces_anything(tokens_per_image, ratio, self.config.g2tr_min_keep):
-                    if self.config.g2tr_anchor_source == "vit_pixels":
+                    if not method_needs_anchors(self.config.g2tr_method):
+                        pass  # no anchors, hence no VAE and no VAE inputs needed
+                    elif self.config.g2tr_anchor_source == "vit_pixels":
                         vae_pixel_values, vae_pixel_sizes = vae_pixels_from_vit_pixels(pixel_values), None
-                    self._check_vae_inputs(num_images, vae_pixel_values, ratio)
+                        self._check_vae_inputs(num_images, vae_pixel_values, ratio)
+                    else:
+                        self._check_vae_inputs(num_images, vae_pixel_values, ratio)
                     reduction = self.reduce_image_features(image_features, vae_pixel_values, vae_pixel_sizes, ratio)
                 inputs_embeds, drop = self.insert_image_features(inputs_embeds, placeholder, image_features, reduction)
             elif bool(placeholder.any()):

@@ -31,6 +31,7 @@ REMOTE_CODE_FILES = (
     "baselines.py",
     "configuration_bagel.py",
     "configuration_g2tr.py",
+    "in_llm.py",
     "modeling_bagel.py",
     "processing_bagel.py",
     "reduction.py",

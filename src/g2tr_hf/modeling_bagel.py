@@ -62,6 +62,7 @@ from .generation_g2tr import (
     open_compact_cache,
     stored_length,
 )
+from .in_llm import InLLMDropper, acts_in_llm
 from .reduction import ReductionResult, build_latent_anchors, method_needs_anchors, reduce_tokens
 
 
@@ -1281,7 +1282,8 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         if bool(image_tokens.any()):
             self._check_image_inputs(structure_ids, block_ids, pixel_values, image_position_ids, image_grid_hw)
             image_embeds, kept_patches, reductions = self._image_block_embeddings(
-                pixel_values, image_position_ids, image_grid_hw, vae_pixel_values, vae_image_hw, ratio
+                pixel_values, image_position_ids, image_grid_hw, vae_pixel_values, vae_image_hw,
+                1.0 if acts_in_llm(self.config.g2tr_method) else ratio,  # in-LLM methods drop in the decoder
             )
             if kept_patches is not None:
                 kept_token_mask = kept_token_mask.clone()
@@ -1310,15 +1312,23 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         all_real = bool(new_mask.all()) and bool(layout.attention_mask.all())
         if inputs_embeds.shape[1] > 1 or static_cache or not all_real:
             mask_4d = block_causal_mask(layout.attention_mask.to(device), new_mask, block_ids)
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            position_ids=position_ids,
-            attention_mask=mask_4d,
-            past_key_values=past_key_values,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            **kwargs,
-        )
+        # In-LLM methods (FastV, PDrop, DART) drop image tokens between decoder layers; a no-op otherwise.
+        dropper = InLLMDropper.for_call(
+            self.config, ratio, image_tokens & kept_token_mask, new_mask, position_ids, past_mask=layout.attention_mask,
+            cache=past_key_values, block_ids=block_ids,
+            mask_fn=lambda real, blocks: block_causal_mask(layout.attention_mask.to(device), real, blocks),
+        )  # fmt: skip
+        with dropper.attached(self.language_model.layers):
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                position_ids=position_ids,
+                attention_mask=mask_4d,
+                past_key_values=past_key_values,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+                **kwargs,
+            )
+        new_mask, position_ids, kept_token_mask = dropper.finish(past_key_values, new_mask, position_ids, kept_token_mask)
         if past_key_values is not None:
             past_key_values.layout = layout.extended(new_mask, position_ids, dropped=length - new_mask.shape[1])
 

@@ -58,6 +58,7 @@ from .generation_g2tr import (
     inside_blocks,
     open_compact_cache,
 )
+from .in_llm import InLLMDropper, acts_in_llm
 from .reduction import (
     ReductionResult,
     build_latent_anchors,
@@ -744,7 +745,8 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
                 image_features = self.get_image_features(pixel_values).pooler_output
                 ratio = self.config.resolve_g2tr_ratio(g2tr_ratio)
                 num_images, tokens_per_image = image_features.shape[:2]
-                if reduces_anything(tokens_per_image, ratio, self.config.g2tr_min_keep):
+                in_llm = acts_in_llm(self.config.g2tr_method)  # those drop in the decoder (below)
+                if not in_llm and reduces_anything(tokens_per_image, ratio, self.config.g2tr_min_keep):
                     if not method_needs_anchors(self.config.g2tr_method):
                         pass  # no anchors, hence no VAE and no VAE inputs needed
                     elif self.config.g2tr_anchor_source == "vit_pixels":
@@ -774,14 +776,26 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
         if position_ids is None:
             position_ids = positions_after(layout.next_position.to(device), new_mask)
 
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=torch.cat([layout.attention_mask.to(device), new_mask], dim=-1).long(),
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **{CACHE_KWARG: past_key_values},
-            **kwargs,
-        )
+        # In-LLM methods (FastV, PDrop, DART) drop image tokens between decoder layers; a no-op otherwise.
+        image_slots = placeholder if image_features is not None else torch.zeros_like(token_ids, dtype=torch.bool)
+        dropper = InLLMDropper.for_call(
+            self.config, self.config.resolve_g2tr_ratio(g2tr_ratio), image_slots.to(device), new_mask, position_ids,
+            past_mask=layout.attention_mask.to(device), cache=past_key_values,
+        )  # fmt: skip
+        with dropper.attached(self.language_model.layers):
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=torch.cat([layout.attention_mask.to(device), new_mask], dim=-1).long(),
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **{CACHE_KWARG: past_key_values},
+                **kwargs,
+            )
+        if dropper.active:
+            new_mask, position_ids, kept = dropper.finish(
+                past_key_values, new_mask, position_ids, torch.ones_like(token_ids, dtype=torch.bool)
+            )
+            drop = ~kept
         if past_key_values is not None:
             past_key_values.layout = layout.extended(new_mask, position_ids, dropped=length - new_mask.shape[1])
         output = G2TRInternVLUModelOutputWithPast(

@@ -726,3 +726,4 @@ def build_latent_anchors(
 # The baseline methods register themselves in the registry above; importing them here makes every method name valid
 # wherever `reduction` is imported (and ships them with the remote code of a Hub folder).
 from .baselines import METHOD_PRESETS as _METHOD_PRESETS  # noqa: E402,F401
+from .in_llm import IN_LLM_METHODS as _IN_LLM_METHODS  # noqa: E402,F401

@@ -25,7 +25,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -36,8 +36,10 @@ from PIL import Image, ImageDraw
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .baselines import reduction_options, resolve_method
+from .in_llm import acts_in_llm, drop_schedule, layer_token_counts
 from .profiling import _count_anchor_encode, _image_markers, account_request, decoder_shape, kv_cache_bytes
-from .profiling import prompt_segments
+from .profiling import prefill_flops, prompt_segments
+from .reduction import keep_count
 
 
 __all__ = [
@@ -271,32 +273,48 @@ def _model_inputs(model, processor, sample: BenchSample) -> dict:
     return inputs.to(model.device)
 
 
-def _budget(model, inputs: dict, output) -> tuple[int, float, int, int, int]:
-    """(tokens entering the LLM, layer-averaged tokens, KV entries per layer, KV bytes, analytic prefill FLOPs)."""
+def _budget(model, inputs: dict, output, ratio: float) -> tuple[int, float, int, int, int]:
+    """(tokens entering the LLM, layer-averaged tokens, KV entries per layer, KV bytes, analytic prefill FLOPs).
+
+    Pre-LLM methods: every layer sees the tokens that entered. In-LLM methods: all prompt tokens enter, each layer
+    sees what the schedule left by then (`in_llm.layer_token_counts`), and after prefill every layer caches the
+    final kept set; the FLOPs are summed layer by layer over those counts.
+    """
     config = model.config
     shape = decoder_shape(config.get_text_config())
     start_id, end_id, bidirectional = _image_markers(config)
     row = inputs["input_ids"][0].cpu()
     if "attention_mask" in inputs:
         row = row[inputs["attention_mask"][0].cpu().bool()]
+    full_blocks = [segment.length - 2 for segment in prompt_segments(row, start_id, end_id) if segment.image]
     plans = output.image_reductions
-    if plans:
-        kept = [plan.num_kept for plan in plans]
-    else:
-        kept = [segment.length - 2 for segment in prompt_segments(row, start_id, end_id) if segment.image]
-    accounting = account_request(
-        row,
-        shape,
-        image_start_token_id=start_id,
-        image_end_token_id=end_id,
-        kept_image_tokens=kept,
-        bidirectional_images=bidirectional,
-        bytes_per_value=torch.finfo(model.dtype).bits // 8,
-    )
-    entering = int(output.reduced_attention_mask[0].sum())
-    kv_entries = accounting.kv_entries[1]
-    # Pre-LLM methods: every layer sees the tokens that entered, so the layer average equals the entry count.
-    return entering, float(entering), kv_entries, accounting.kv_bytes[1], accounting.prefill_flops[1]
+    kept = [plan.num_kept for plan in plans] if plans else full_blocks
+    bytes_per_value = torch.finfo(model.dtype).bits // 8
+    stored = int(output.reduced_attention_mask[0].sum())
+    if not acts_in_llm(config.g2tr_method) or stored == row.numel():
+        accounting = account_request(
+            row,
+            shape,
+            image_start_token_id=start_id,
+            image_end_token_id=end_id,
+            kept_image_tokens=kept,
+            bidirectional_images=bidirectional,
+            bytes_per_value=bytes_per_value,
+        )
+        # Every layer sees the tokens that entered, so the layer average equals the entry count.
+        return stored, float(stored), accounting.kv_entries[1], accounting.kv_bytes[1], accounting.prefill_flops[1]
+    schedule = drop_schedule(config.g2tr_method, shape.num_layers, ratio)
+    counts = layer_token_counts(schedule, shape.num_layers, full_blocks, row.numel() - sum(full_blocks),
+                                config.g2tr_min_keep)  # fmt: skip
+    one_layer = replace(shape, num_layers=1)
+    lm_head = 2 * shape.hidden_size * shape.vocab_size
+    flops = lm_head
+    for layer in range(shape.num_layers):
+        done = [keep for drop, keep in zip(schedule.drop_layers, schedule.keep) if drop <= layer]
+        layer_kept = [keep_count(n, done[-1], config.g2tr_min_keep) if done else n for n in full_blocks]
+        segments = prompt_segments(row, start_id, end_id, layer_kept, bidirectional)
+        flops += prefill_flops(segments, one_layer) - lm_head
+    return row.numel(), sum(counts) / len(counts), stored, kv_cache_bytes(stored, shape, bytes_per_value), flops
 
 
 def _measure_once(model, inputs: dict, config: _Config, max_new_tokens: int) -> _Measure:
@@ -312,7 +330,7 @@ def _measure_once(model, inputs: dict, config: _Config, max_new_tokens: int) -> 
             min_new_tokens=max_new_tokens,
             do_sample=False,
         )
-    entering, avg, kv_entries, kv_bytes, flops = _budget(model, inputs, output)
+        entering, avg, kv_entries, kv_bytes, flops = _budget(model, inputs, output, config.call_ratio)
     answer = generated[0, inputs["input_ids"].shape[1] :].tolist()
     return _Measure(entering, avg, kv_entries, kv_bytes, flops, int(extra), output.logits[0, -1].float().cpu(), answer)
 

@@ -18,12 +18,19 @@ import torch
 from g2tr_hf.baselines import reduction_options
 from g2tr_hf.compat import output_cache
 from g2tr_hf.generation_g2tr import stored_length
-from g2tr_hf.in_llm import DropSchedule, drop_schedule, last_token_attention, layer_token_counts
+from g2tr_hf.in_llm import (
+    DropSchedule,
+    _window_select,
+    drop_schedule,
+    last_token_attention,
+    layer_token_counts,
+    window_cells,
+)
 from g2tr_hf.reduction import keep_count, reduce_tokens
 from g2tr_hf.tiny import build_tiny
 
 
-METHODS = ["fastv", "pdrop", "dart"]
+METHODS = ["fastv", "wfastv", "pdrop", "dart"]
 RATIO = 0.5
 
 
@@ -40,6 +47,17 @@ def test_schedules_follow_the_papers_and_scale_to_depth():
         drop_schedule("sparsevlm", 28, 0.5)
     counts = layer_token_counts(drop_schedule("pdrop", 4, 0.5), 4, [16], other_tokens=10)
     assert counts == [26, 18, 14, 12]
+
+
+def test_window_selection_spreads_the_budget_over_windows():
+    windows = window_cells((6, 5), 4)  # windows of 16, 4, 8 and 2 tokens
+    assert windows.reshape(6, 5)[:, 4].tolist() == [1, 1, 1, 1, 3, 3]
+    scores = torch.arange(30, dtype=torch.float32)  # the best tokens sit bottom-right
+    kept = _window_select(scores, windows, 8)
+    assert torch.bincount(windows[kept], minlength=4).tolist() == [2, 2, 2, 2]
+    assert sorted(kept.tolist()) == [14, 17, 18, 19, 24, 27, 28, 29]  # the best two of each window
+    kept = _window_select(scores, windows, 20)  # quota 5; small windows leave 4 to fill with the best of the rest
+    assert kept.unique().numel() == 20 and torch.bincount(windows[kept], minlength=4).tolist() == [6, 4, 8, 2]
 
 
 def test_in_llm_methods_cannot_run_before_the_llm():
@@ -190,7 +208,7 @@ def test_method_on_both_models(models, unreduced, method):
                 assert int(batch_out.reduced_attention_mask[row].sum()) == stored
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "dart"])  # wfastv decodes exactly as fastv (selection differs)
 def test_cached_decoding_matches_a_one_shot_continuation(models, method):
     name, sdpa, _, processor = models
     inputs = _inputs(processor, [1])

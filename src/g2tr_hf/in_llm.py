@@ -1,6 +1,7 @@
 """In-LLM visual-token dropping (FastV, PyramidDrop, DART) for both g2tr_hf models, without attention weights.
 
-The methods are selected like every other one, `g2tr_method="fastv"` (or `"pdrop"`, `"dart"`) with `g2tr_ratio`, and
+The methods are selected like every other one, `g2tr_method="fastv"` (or `"wfastv"`, `"pdrop"`, `"dart"`) with
+`g2tr_ratio`, and
 act inside the decoder instead of before it. A model builds one `InLLMDropper` per forward call
 (`InLLMDropper.for_call`), attaches it to its decoder layers for the duration of the decoder call
 (`InLLMDropper.attached`: forward pre-hooks that return new arguments, nothing is patched or resized in place), and
@@ -24,6 +25,9 @@ Methods (the `ratio` is `g2tr_ratio`, the fraction of each image's tokens kept):
 
 - `fastv`: score = attention of the last prompt token to every token at layer K-1, averaged over heads; keep the
   top tokens of each image before layer K. K = 2 as published (R = 1 - ratio, the published R = 50% is ratio 0.5).
+- `wfastv` (Window-FastV, Wen et al. 2025): FastV's score and layer, but spatially uniform: the image's token grid
+  is cut into 4 x 4-token windows (edge windows smaller, any grid shape) and the best tokens are taken with at most
+  ceil(K / #windows) per window (the best remaining tokens fill up when small windows leave the budget short).
 - `pdrop`: at each stage layer, score = attention of the last prompt token with that layer's q/k, averaged over
   heads; each stage keeps `ratio` of the tokens still there (LLaVA's lambda = 0.5 is ratio 0.5). The LLaVA stage
   layers [8, 16, 24] of 32 are rescaled to the model's depth (28 layers: [7, 14, 21]). PDrop re-indexes positions;
@@ -61,9 +65,10 @@ __all__ = [
     "layer_token_counts",
 ]
 
-IN_LLM_METHODS = ("fastv", "pdrop", "dart")
+IN_LLM_METHODS = ("fastv", "wfastv", "pdrop", "dart")
 
 FASTV_LAYER = 2
+WFASTV_WINDOW = 4  # window side in tokens (the G2TR reference's `window_selection(..., window_size=4)`)
 DART_LAYER = 2
 DART_PIVOTS = 4  # image pivots per image and text pivots per row
 PDROP_LLAVA_LAYERS = (8, 16, 24)
@@ -115,7 +120,7 @@ def drop_schedule(method: str, num_layers: int, ratio: float) -> DropSchedule:
     def clamp(layer: int) -> int:
         return min(max(layer, 1), num_layers - 1)
 
-    if method == "fastv":
+    if method in ("fastv", "wfastv"):
         layer = clamp(FASTV_LAYER)
         return DropSchedule((layer - 1,), (layer,), (ratio,))
     if method == "dart":
@@ -215,6 +220,35 @@ def _top(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(values, descending=True, stable=True).indices[:k]
 
 
+def window_cells(grid: tuple[int, int], window: int, device=None) -> torch.Tensor:
+    """Window index of every token of a row-major (h, w) grid cut into `window` x `window` windows, [h*w]."""
+    h, w = grid
+    rows = torch.arange(h, device=device) // window
+    cols = torch.arange(w, device=device) // window
+    return (rows[:, None] * (-(-w // window)) + cols[None, :]).reshape(-1)
+
+
+def _window_select(scores: torch.Tensor, windows: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best tokens with at most ceil(k / #windows) per window, filled from the best of the rest if short.
+
+    Args:
+        scores: [N]; windows: [N] window of every token; k: the budget.
+    Returns:
+        LongTensor [k] local indices.
+    """
+    num_windows = int(windows.max()) + 1
+    quota = -(-k // num_windows)
+    by_score = torch.sort(scores, descending=True, stable=True).indices
+    order = by_score[torch.sort(windows.index_select(0, by_score), stable=True).indices]  # window, then score
+    counts = torch.bincount(windows, minlength=num_windows)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_window = torch.empty_like(order)
+    rank_in_window[order] = torch.arange(order.numel(), device=order.device) - starts.index_select(0, windows[order])
+    eligible = rank_in_window < quota
+    # Eligible tokens first (by score), then the rest (by score): the first k are the answer.
+    return by_score[torch.sort((~eligible).index_select(0, by_score).to(torch.uint8), stable=True).indices[:k]]
+
+
 def _dart_select(hidden: torch.Tensor, key_norm: torch.Tensor, image: torch.Tensor, text_pivots: torch.Tensor, k: int):
     """DART on one image: image pivots, then the tokens least similar to each pivot, until k are kept.
 
@@ -312,6 +346,7 @@ class InLLMDropper:
         self.layouts: list[tuple[torch.Tensor, torch.Tensor]] = [(self.index, self.filled)]
         self.stage, self.scores = 0, None
         self.current: dict | None = None  # the gathered layer arguments once something was dropped
+        self.grids: list[tuple[int, int]] | None = None  # (h, w) per image block (`wfastv`)
 
     # --- construction -------------------------------------------------------------------------------------------
 
@@ -328,6 +363,7 @@ class InLLMDropper:
         cache=None,
         block_ids: torch.Tensor | None = None,
         mask_fn: Callable | None = None,
+        grids: Sequence[tuple[int, int]] | None = None,
     ):
         """The dropper of one call, or a no-op when `config.g2tr_method` is not in-LLM, `ratio` is 1, the call
         holds no image token, or no image would lose a token.
@@ -339,6 +375,7 @@ class InLLMDropper:
             past_mask: [B, P] bool, the cached entries that are real tokens.
             block_ids: [B, L] BAGEL's image-block ids (bidirectional blocks), for `mask_fn`.
             mask_fn: builds the decoder's 4-D mask from (new_mask, block_ids) after a drop; default causal.
+            grids: (h, w) of every image block in order of appearance (row by row); `wfastv` needs them.
         """
         method = config.g2tr_method
         if not acts_in_llm(method) or ratio >= 1.0 or not bool(image_mask.any()):
@@ -367,6 +404,14 @@ class InLLMDropper:
         )
         if all(keep_count(n, schedule.keep[-1], dropper.min_keep) == n for n in dropper.block_sizes):
             return _NoDrop()
+        if method == "wfastv":
+            grids = [tuple(int(v) for v in grid) for grid in (grids or [])]
+            if [h * w for h, w in grids] != dropper.block_sizes:
+                raise ValueError(
+                    f"g2tr_method='wfastv' needs the (h, w) grid of every image block; got {grids} for blocks of "
+                    f"{dropper.block_sizes} tokens."
+                )
+            dropper.grids = grids
         return dropper
 
     # --- the hooks ----------------------------------------------------------------------------------------------
@@ -446,6 +491,10 @@ class InLLMDropper:
                 kept = _dart_select(
                     self.scores["hidden"][row], self.scores["key_norm"][row], block_cols, text_pivots[row], budget
                 )
+            elif self.method == "wfastv":
+                # Single stage, so the block is still whole: its positions in order are its raster order.
+                windows = window_cells(self.grids[block - 1], WFASTV_WINDOW, block_cols.device)
+                kept = block_cols.index_select(0, _window_select(self.scores[row].index_select(0, block_cols), windows, budget))
             else:
                 kept = block_cols.index_select(0, _top(self.scores[row].index_select(0, block_cols), budget))
             stay[row, kept] = True

@@ -1317,6 +1317,7 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             self.config, ratio, image_tokens & kept_token_mask, new_mask, position_ids, past_mask=layout.attention_mask,
             cache=past_key_values, block_ids=block_ids,
             mask_fn=lambda real, blocks: block_causal_mask(layout.attention_mask.to(device), real, blocks),
+            grids=None if image_grid_hw is None else image_grid_hw.tolist(),
         )  # fmt: skip
         with dropper.attached(self.language_model.layers):
             outputs = self.language_model(

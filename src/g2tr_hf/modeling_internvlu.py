@@ -781,6 +781,7 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
         dropper = InLLMDropper.for_call(
             self.config, self.config.resolve_g2tr_ratio(g2tr_ratio), image_slots.to(device), new_mask, position_ids,
             past_mask=layout.attention_mask.to(device), cache=past_key_values,
+            grids=None if image_features is None else [(self.config.image_grid_size,) * 2] * image_features.shape[0],
         )  # fmt: skip
         with dropper.attached(self.language_model.layers):
             outputs = self.language_model(

@@ -176,6 +176,10 @@ def test_method_on_both_models(models, unreduced, method):
                 out = sdpa(**single, g2tr_ratio=RATIO, use_cache=True)
                 if row == 0:
                     assert torch.equal(out.logits, sdpa(**single, g2tr_ratio=RATIO).logits)  # deterministic
+                    # without a cache: the same prefill, the same compact layout
+                    uncached = sdpa(**single, g2tr_ratio=RATIO, use_cache=False)
+                    torch.testing.assert_close(uncached.logits, out.logits)
+                    assert torch.equal(uncached.reduced_attention_mask, out.reduced_attention_mask)
                 else:
                     torch.testing.assert_close(
                         eager(**single, g2tr_ratio=RATIO).logits, out.logits, atol=1e-5, rtol=1e-4
@@ -247,3 +251,37 @@ def test_editing_pipeline_refuses_in_llm_methods():
     pipe = G2TRBagelPipeline(model=model, processor=processor)
     with reduction_options(model, "fastv"), pytest.raises(ValueError, match="inside the language model"):
         pipe(prompt="make it red", image=_image(3), num_inference_steps=2, g2tr_ratio=0.5, show_progress=False)
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_a_second_turn_with_a_new_image_drops_against_the_cache(models, method):
+    from test_generation_multiturn import image_inputs, make_image, turn
+
+    from g2tr_hf.compat import CACHE_KWARG
+
+    name, sdpa, _, processor = models
+    layers = sdpa.config.get_text_config().num_hidden_layers
+    greedy = dict(do_sample=False, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True)
+    with torch.no_grad(), reduction_options(sdpa, method):
+        first = processor(text=[turn(name, processor, "What is it?", True, True)], images=[make_image(0)],
+                          return_tensors="pt")  # fmt: skip
+        out = sdpa.generate(**first, g2tr_ratio=RATIO, **greedy)
+        cache = output_cache(out)
+        stored_first = stored_length(cache)
+        second = processor(text=[turn(name, processor, "Compare.", True, False)], images=[make_image(10)],
+                           return_tensors="pt")  # fmt: skip
+        input_ids = torch.cat([out.sequences, second["input_ids"]], dim=1)
+        continued = sdpa.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), g2tr_ratio=RATIO,
+            **image_inputs(processor, [make_image(10)]), **{CACHE_KWARG: cache}, **greedy,
+        )  # fmt: skip
+    final = output_cache(continued)
+    assert final.get_seq_length() == continued.sequences.shape[1] - 1  # the caller's length
+    (n_second,) = [block.numel() for block in _image_blocks(sdpa, second["input_ids"][0])]
+    dropped = n_second - keep_count(n_second, _final_keep(method, layers), sdpa.config.g2tr_min_keep)
+    # cached: the first turn (its last answer token was never fed back), that token, the second prompt less its
+    # dropped image tokens, and all but the last of the second answer
+    expected = stored_first + 1 + second["input_ids"].shape[1] - dropped + 2
+    assert {stored_length(final, layer) for layer in range(layers)} == {expected}
+    positions = final.layout.position_ids[0][final.layout.attention_mask[0]]
+    assert bool((positions[1:] >= positions[:-1]).all())  # original positions, in order, across both turns

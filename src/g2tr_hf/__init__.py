@@ -12,6 +12,7 @@ from transformers import (
     AutoProcessor,
 )
 
+from .baselines import reduction_options, resolve_method
 from .configuration_bagel import G2TRBagelConfig
 from .configuration_g2tr import G2TRConfig
 from .configuration_internvlu import G2TRInternVLUConfig
@@ -77,5 +78,7 @@ __all__ = [
     "latent_cell_index",
     "reduce_tokens",
     "reduce_tokens_batched",
+    "reduction_options",
     "register_method",
+    "resolve_method",
 ]

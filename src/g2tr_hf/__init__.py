@@ -12,7 +12,6 @@ from transformers import (
     AutoProcessor,
 )
 
-from .baselines import reduction_options, resolve_method
 from .configuration_bagel import G2TRBagelConfig
 from .configuration_g2tr import G2TRConfig
 from .configuration_internvlu import G2TRInternVLUConfig
@@ -33,6 +32,10 @@ from .reduction import (
     register_method,
 )
 from .tiny import build_tiny
+
+
+# After `reduction` (imported by the configurations above), which registers the baselines when it loads.
+from .baselines import reduction_options, resolve_method  # noqa: E402
 
 
 __version__ = "0.1.0.dev0"

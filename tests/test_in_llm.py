@@ -30,7 +30,7 @@ from g2tr_hf.reduction import keep_count, reduce_tokens
 from g2tr_hf.tiny import build_tiny
 
 
-METHODS = ["fastv", "wfastv", "pdrop", "dart"]
+METHODS = ["fastv", "wfastv", "pdrop", "dart", "ivcprune"]
 RATIO = 0.5
 
 
@@ -39,6 +39,7 @@ def test_schedules_follow_the_papers_and_scale_to_depth():
     assert drop_schedule("pdrop", 32, 0.5) == DropSchedule((8, 16, 24), (8, 16, 24), (0.5, 0.25, 0.125))
     assert drop_schedule("pdrop", 28, 0.5).drop_layers == (7, 14, 21)
     assert drop_schedule("dart", 28, 0.25) == DropSchedule((2,), (2,), (0.25,))
+    assert drop_schedule("ivcprune", 28, 0.3) == DropSchedule((13,), (14,), (0.3,))
     assert drop_schedule("fastv", 2, 0.5).drop_layers == (1,)  # clamped to the last layer
     assert drop_schedule("pdrop", 4, 0.5).drop_layers == (1, 2, 3)
     with pytest.raises(ValueError, match="at least 2 layers"):
@@ -212,7 +213,8 @@ def test_method_on_both_models(models, unreduced, method):
                 assert int(batch_out.reduced_attention_mask[row].sum()) == stored
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "dart"])  # wfastv decodes exactly as fastv (selection differs)
+# wfastv decodes exactly as fastv; ivcprune as fastv at its own layer (only the selection differs)
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "dart"])
 def test_cached_decoding_matches_a_one_shot_continuation(models, method):
     name, sdpa, _, processor = models
     inputs = _inputs(processor, [1])
@@ -285,3 +287,18 @@ def test_a_second_turn_with_a_new_image_drops_against_the_cache(models, method):
     assert {stored_length(final, layer) for layer in range(layers)} == {expected}
     positions = final.layout.position_ids[0][final.layout.attention_mask[0]]
     assert bool((positions[1:] >= positions[:-1]).all())  # original positions, in order, across both turns
+
+
+def test_ivcprune_keeps_the_coordinate_tokens(models):
+    name, sdpa, _, processor = models
+    inputs = _inputs(processor, [0])
+    with torch.no_grad(), reduction_options(sdpa, "ivcprune"):
+        kept = sdpa(**inputs, g2tr_ratio=0.25).kept_token_mask[0]
+    block = _image_blocks(sdpa, inputs["input_ids"][0])[0]
+    if name == "bagel":
+        # One RoPE position for the whole image: the coordinate scores all tie and the first tokens win.
+        assert bool(kept[block[0]])
+        return
+    positions = block[None]  # InternVL-U: 1-D positions, no padding, nothing dropped before the image
+    cos, sin = sdpa.model.language_model.rotary_emb(torch.zeros(1, 1), positions)
+    assert bool(kept[block[cos[0].mean(-1).argmax()]]) and bool(kept[block[sin[0].mean(-1).argmax()]])

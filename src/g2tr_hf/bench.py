@@ -11,7 +11,8 @@ runs the same prompt and is scored on:
 - fidelity to the unreduced model: KL(p_full || p_reduced) of the next-token distribution at the answer position,
   top-1 agreement of that token, and exact match of the greedy answers;
 - editing (BAGEL, `edit=True`): relative error of the first flow-velocity prediction (same noise, same timestep),
-  and PSNR / SSIM of the final edited image against the unreduced edit with the same seed.
+  and PSNR / SSIM of the final edited image against the unreduced edit with the same seed (not for in-LLM methods,
+  which the editing pipeline refuses: it prefills the image before the instruction).
 
 Results go to a CSV, a markdown table and a Pareto PNG (matplotlib when installed, the `plot` extra; otherwise a
 plain PIL drawing of the same points).
@@ -54,7 +55,9 @@ __all__ = [
     "write_reports",
 ]
 
-DEFAULT_METHODS = ("g2tr", "random", "pool", "divprune", "visionzip", "tome")
+DEFAULT_METHODS = (
+    "g2tr", "random", "pool", "divprune", "visionzip", "tome", "fastv", "wfastv", "pdrop", "dart", "ivcprune",
+)  # fmt: skip
 DEFAULT_RATIOS = (0.25, 0.5)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 DEFAULT_QUESTION = "Describe this image."
@@ -523,7 +526,9 @@ def run_bench(
                 bar.step(f"{sample.name} timing {round_index + 1}/{rounds}")
         if pipe is not None:
             for config, measure in zip(configs, measures):
-                measure.velocity, measure.edited = _edit_once(pipe, sample, config, edit_steps, seed)
+                # In-LLM methods need the question in the image's prefill, which editing does not have: no edit.
+                if config.method is None or not acts_in_llm(resolve_method(config.method)["g2tr_method"]):
+                    measure.velocity, measure.edited = _edit_once(pipe, sample, config, edit_steps, seed)
                 bar.step(f"{sample.name} edit {config.label} {config.ratio}")
         per_sample.append(measures)
     rows = [_aggregate(config, [m[i] for m in per_sample], [m[0] for m in per_sample]) for i, config in enumerate(configs)]

@@ -32,6 +32,13 @@ Methods (the `ratio` is `g2tr_ratio`, the fraction of each image's tokens kept):
   heads; each stage keeps `ratio` of the tokens still there (LLaVA's lambda = 0.5 is ratio 0.5). The LLaVA stage
   layers [8, 16, 24] of 32 are rescaled to the model's depth (28 layers: [7, 14, 21]). PDrop re-indexes positions;
   here they stay the original ones (documented deviation), and decoding sees the last stage's set at every layer.
+- `ivcprune` (IVC-Prune): at layer k - 1 (k = half the depth: IVC-Prune's 16 of 32, so 14 of 28), "implicit visual
+  coordinate" tokens = the top 5 % of each image by mean RoPE cos and the top 5 % by mean RoPE sin, kept first; the
+  rest of the budget goes to "foreground" tokens: seeds = the top 1 % by value-value attention
+  softmax(V_q V^T / sqrt(d)) from the question tokens (the text after the image), foreground score = the same
+  attention from seeds + question, mean over heads. On BAGEL every token of an image has the SAME RoPE position, so
+  the coordinate tokens are degenerate there (all tie; the lowest indices win): only the foreground part carries
+  information. The budget is exact (`ratio`) instead of IVC-Prune's fixed ~30 %.
 - `dart`: at layer K = 2, pivots = the 4 image tokens (per image) and 4 text tokens (per row) with the largest L1
   norm of their key states (after k-norm, before RoPE); then, pivot by pivot, the image tokens least cosine-similar
   to the pivot (on that layer's input hidden states) are kept, without replacement, until the image's budget is
@@ -65,12 +72,14 @@ __all__ = [
     "layer_token_counts",
 ]
 
-IN_LLM_METHODS = ("fastv", "wfastv", "pdrop", "dart")
+IN_LLM_METHODS = ("fastv", "wfastv", "pdrop", "dart", "ivcprune")
 
 FASTV_LAYER = 2
 WFASTV_WINDOW = 4  # window side in tokens (the G2TR reference's `window_selection(..., window_size=4)`)
 DART_LAYER = 2
 DART_PIVOTS = 4  # image pivots per image and text pivots per row
+IVC_LAYER_SHARE = 16 / 32  # IVC-Prune prunes at layer 16 of InternVL2.5's 32-layer LLM
+IVC_SEED_SHARE, IVC_COORDINATE_SHARE = 0.01, 0.05  # seeds: top 1 %; coordinate tokens: top 5 % by cos and by sin
 PDROP_LLAVA_LAYERS = (8, 16, 24)
 PDROP_LLAVA_DEPTH = 32
 
@@ -126,6 +135,9 @@ def drop_schedule(method: str, num_layers: int, ratio: float) -> DropSchedule:
     if method == "dart":
         layer = clamp(DART_LAYER)
         return DropSchedule((layer,), (layer,), (ratio,))
+    if method == "ivcprune":
+        layer = clamp(round(num_layers * IVC_LAYER_SHARE))
+        return DropSchedule((layer - 1,), (layer,), (ratio,))
     if method == "pdrop":
         layers = tuple(sorted({clamp(round(l * num_layers / PDROP_LLAVA_DEPTH)) for l in PDROP_LLAVA_LAYERS}))
         return DropSchedule(layers, layers, tuple(ratio ** (stage + 1) for stage in range(len(layers))))
@@ -465,6 +477,11 @@ class InLLMDropper:
         if self.method == "dart":
             keys = _keys(layer, hidden)  # [B, kv_heads, L, d], before RoPE
             return {"key_norm": keys.float().abs().sum(dim=(1, 3)), "hidden": hidden}
+        if self.method == "ivcprune":
+            norm, attention, head_dim = _layer_parts(layer)
+            values = _heads(attention.v_proj, None, norm(hidden), head_dim).float()  # [B, kv_heads, L, d]
+            cos, sin = cos_sin
+            return {"values": values, "cos": cos.float().mean(dim=-1), "sin": sin.float().mean(dim=-1)}
         return last_token_attention(layer, hidden, cos_sin, real)
 
     def _select(self, keep_fraction: float) -> torch.Tensor:
@@ -491,6 +508,8 @@ class InLLMDropper:
                 kept = _dart_select(
                     self.scores["hidden"][row], self.scores["key_norm"][row], block_cols, text_pivots[row], budget
                 )
+            elif self.method == "ivcprune":
+                kept = self._ivc_select(row, block_cols, budget, real[row] & (blocks[row] == 0), real[row])
             elif self.method == "wfastv":
                 # Single stage, so the block is still whole: its positions in order are its raster order.
                 windows = window_cells(self.grids[block - 1], WFASTV_WINDOW, block_cols.device)
@@ -499,6 +518,34 @@ class InLLMDropper:
                 kept = block_cols.index_select(0, _top(self.scores[row].index_select(0, block_cols), budget))
             stay[row, kept] = True
         return stay & real  # the old left padding goes too; `compaction_index` pads the rows again
+
+    def _ivc_select(
+        self, row: int, image: torch.Tensor, budget: int, is_text: torch.Tensor, real: torch.Tensor
+    ) -> torch.Tensor:
+        """IVC-Prune on one image of one row: coordinate tokens first, then foreground tokens, exactly `budget`."""
+        values = self.scores["values"][row]  # [H, L, d]
+        positions = torch.arange(is_text.numel(), device=image.device)
+        question = (is_text & (positions > image.max())).nonzero().flatten()
+        if question.numel() == 0:
+            question = real.nonzero().flatten()[-1:]
+
+        def relevance(queries: torch.Tensor) -> torch.Tensor:
+            logits = values.index_select(1, queries) @ values.transpose(-1, -2) / math.sqrt(values.shape[-1])
+            logits = logits.masked_fill(~real[None, None, :], -math.inf)
+            return logits.softmax(dim=-1).mean(dim=(0, 1)).index_select(0, image)  # [N]
+
+        count = image.numel()
+        seeds = image.index_select(0, _top(relevance(question), max(1, round(IVC_SEED_SHARE * count))))
+        foreground = relevance(torch.cat([seeds, question]))
+        coordinates = max(1, round(IVC_COORDINATE_SHARE * count))
+        first = torch.cat([
+            _top(self.scores["cos"][row].index_select(0, image), coordinates),
+            _top(self.scores["sin"][row].index_select(0, image), coordinates),
+        ])  # fmt: skip
+        repeated = torch.triu(first[:, None] == first[None, :], diagonal=1).any(dim=0)  # an earlier copy exists
+        first = first[~repeated]
+        priority = foreground.clone().index_fill_(0, first[:budget], math.inf)
+        return image.index_select(0, _top(priority, budget))
 
     def _drop(self, hidden: torch.Tensor, cos_sin, original_mask: torch.Tensor | None) -> None:
         stay = self._select(self.schedule.keep[self.stage])

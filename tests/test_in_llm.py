@@ -171,6 +171,10 @@ def test_method_on_both_models(models, unreduced, method):
     with torch.no_grad():
         with reduction_options(sdpa, method), reduction_options(eager, method):
             batch_out = sdpa(**batch, g2tr_ratio=RATIO, use_cache=True)
+            # the compact sequence is what the caller's kept tokens compact to (labels are moved onto it that way)
+            assert batch_out.logits.shape[1] == int(batch_out.kept_token_mask.sum(-1).max())
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            assert torch.isfinite(sdpa(**batch, g2tr_ratio=RATIO, labels=labels).loss)
             for row, (single, full) in enumerate(zip(singles, full_outputs)):
                 if row == 0:
                     assert torch.equal(sdpa(**single, g2tr_ratio=1.0).logits, full.logits)  # ratio 1.0: unreduced

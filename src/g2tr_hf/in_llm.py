@@ -517,7 +517,9 @@ class InLLMDropper:
             else:
                 kept = block_cols.index_select(0, _top(self.scores[row].index_select(0, block_cols), budget))
             stay[row, kept] = True
-        return stay & real  # the old left padding goes too; `compaction_index` pads the rows again
+        # The caller's left padding stays (as the pre-LLM compaction keeps it: logits and compacted labels must line
+        # up); only the padding a previous stage added goes, `_compaction_index` pads the rows again.
+        return stay & self.filled
 
     def _ivc_select(
         self, row: int, image: torch.Tensor, budget: int, is_text: torch.Tensor, real: torch.Tensor
@@ -592,7 +594,6 @@ class InLLMDropper:
     def _shrink_cache(self, cache, final_index: torch.Tensor) -> None:
         """Layers that ran before a drop cached a longer layout: gather their new entries to the final one."""
         batch, length = self.image_mask.shape
-        final_length = final_index.shape[1]
         for layer_idx, layer in enumerate(cache.layers):
             stage = sum(drop <= layer_idx for drop in self.schedule.drop_layers)
             stage_index, stage_filled = self.layouts[stage]
@@ -611,7 +612,6 @@ class InLLMDropper:
                 tensor = getattr(layer, name)
                 new = tensor.gather(2, index.expand(-1, tensor.shape[1], -1, tensor.shape[-1]))
                 setattr(layer, name, torch.cat([tensor[:, :, :past], new], dim=2))
-        del final_length
 
 
 def _compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -156,7 +156,7 @@ def _image(seed: int, size=(60, 50)) -> PIL.Image.Image:
 
 def _inputs(processor, conversations):
     messages = [
-        [{"role": "user", "content": [*({"type": "image", "image": image} for image in images), {"type": "text", "text": q}]}]
+        [{"role": "user", "content": [*({"type": "image", "image": im} for im in images), {"type": "text", "text": q}]}]
         for images, q in conversations
     ]
     kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")

@@ -37,7 +37,8 @@ def test_builtin_set_and_file_formats(tmp_path):
     builtin = builtin_samples()
     assert len(builtin) == 4 and all(sample.images and sample.question for sample in builtin)
     names = _save_images(tmp_path)
-    (tmp_path / "set.json").write_text(json.dumps([{"image": names[0], "question": "q0"}, {"image": names, "question": "q1"}]))
+    records = [{"image": names[0], "question": "q0"}, {"image": names, "question": "q1"}]
+    (tmp_path / "set.json").write_text(json.dumps(records))
     from_json = load_samples(tmp_path / "set.json")
     assert [len(s.images) for s in from_json] == [1, 2] and [s.question for s in from_json] == ["q0", "q1"]
     with (tmp_path / "set.csv").open("w", newline="") as handle:

@@ -12,8 +12,8 @@ gets. None of them needs the VAE anchors, so the models skip the anchor encode f
 | `pool` (in `reduction`) | a regular sub-grid | averaged into the most cosine-similar kept token |
 | `avgpool` | the same regular sub-grid | averaged into the spatially nearest kept token: average pooling |
 | `divprune` | greedy max-min diversity on cosine distance | averaged into the most cosine-similar kept token |
-| `visionzip` | "dominant" tokens by received attention + strided "contextual" targets | each non-dominant token into its most similar target (VisionZip's contextual merge); dominant tokens stay as they are |
-| `tome` | the destinations of repeated bipartite soft matching | each token into the token it was matched into (size-weighted means) |
+| `visionzip` | "dominant" tokens by received attention + strided "contextual" targets | the rest into their target |
+| `tome` | the destinations of repeated bipartite soft matching | into their matched token (size-weighted means) |
 
 The paper-faithful settings (merge on or off per method) and the G2TR ablations are named presets,
 `METHOD_PRESETS`, used by `g2tr-hf bench` and resolved by `resolve_method`.
@@ -178,7 +178,8 @@ def _select_tome(inputs: SelectionInputs) -> SelectionPlan:
         b_dirs = F.normalize(sums.index_select(0, side_b), dim=-1)
         best_value, best_b = (a_dirs @ b_dirs.T).max(dim=-1)
         merged_a = _rank_descending(best_value)[:r]
-        sources, destinations = side_a.index_select(0, merged_a), side_b.index_select(0, best_b.index_select(0, merged_a))
+        sources = side_a.index_select(0, merged_a)
+        destinations = side_b.index_select(0, best_b.index_select(0, merged_a))
         sums.index_add_(0, destinations, sums.index_select(0, sources))
         sizes.index_add_(0, destinations, sizes.index_select(0, sources))
         redirect = torch.arange(num_tokens, device=device).index_copy_(0, sources, destinations)

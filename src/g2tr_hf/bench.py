@@ -531,7 +531,8 @@ def run_bench(
                     measure.velocity, measure.edited = _edit_once(pipe, sample, config, edit_steps, seed)
                 bar.step(f"{sample.name} edit {config.label} {config.ratio}")
         per_sample.append(measures)
-    rows = [_aggregate(config, [m[i] for m in per_sample], [m[0] for m in per_sample]) for i, config in enumerate(configs)]
+    references = [measures[0] for measures in per_sample]
+    rows = [_aggregate(config, [m[i] for m in per_sample], references) for i, config in enumerate(configs)]
     return BenchResult(model_name, str(model.device), len(samples), repeats, warmup, max_new_tokens, rows)
 
 

@@ -342,7 +342,8 @@ class InLLMDropper:
         float_mask_dtype: torch.dtype | None,
     ) -> None:
         self.method, self.schedule = method, schedule
-        self.image_mask, self.new_mask, self.position_ids, self.block_ids = image_mask, new_mask, position_ids, block_ids
+        self.image_mask, self.new_mask = image_mask, new_mask
+        self.position_ids, self.block_ids = position_ids, block_ids
         self.past_mask, self.mask_fn, self.min_keep = past_mask, mask_fn, min_keep
         self.float_mask_dtype = float_mask_dtype  # the kind of mask to build when the layers got None
         batch, length = image_mask.shape
@@ -513,7 +514,8 @@ class InLLMDropper:
             elif self.method == "wfastv":
                 # Single stage, so the block is still whole: its positions in order are its raster order.
                 windows = window_cells(self.grids[block - 1], WFASTV_WINDOW, block_cols.device)
-                kept = block_cols.index_select(0, _window_select(self.scores[row].index_select(0, block_cols), windows, budget))
+                block_scores = self.scores[row].index_select(0, block_cols)
+                kept = block_cols.index_select(0, _window_select(block_scores, windows, budget))
             else:
                 kept = block_cols.index_select(0, _top(self.scores[row].index_select(0, block_cols), budget))
             stay[row, kept] = True

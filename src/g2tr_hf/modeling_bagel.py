@@ -1329,7 +1329,9 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
                 output_attentions=output_attentions,
                 **kwargs,
             )
-        new_mask, position_ids, kept_token_mask = dropper.finish(past_key_values, new_mask, position_ids, kept_token_mask)
+        new_mask, position_ids, kept_token_mask = dropper.finish(
+            past_key_values, new_mask, position_ids, kept_token_mask
+        )
         if past_key_values is not None:
             past_key_values.layout = layout.extended(new_mask, position_ids, dropped=length - new_mask.shape[1])
 

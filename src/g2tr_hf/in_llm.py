@@ -355,7 +355,6 @@ class InLLMDropper:
         # The current layout: index [B, L_cur] into the original positions, filled [B, L_cur] (False = padding).
         self.index = torch.arange(length, device=device).expand(batch, length)
         self.filled = torch.ones(batch, length, dtype=torch.bool, device=device)
-        self.alive = torch.ones(batch, length, dtype=torch.bool, device=device)
         self.layouts: list[tuple[torch.Tensor, torch.Tensor]] = [(self.index, self.filled)]
         self.stage, self.scores = 0, None
         self.current: dict | None = None  # the gathered layer arguments once something was dropped

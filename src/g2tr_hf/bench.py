@@ -688,6 +688,11 @@ def _pareto_png_pil(xs, panels, labels, path: Path) -> Path:
             v = (y - y0) / (y1 - y0) if y1 > y0 else 0.5
             return left + 10 + u * (right - left - 20), bottom - 10 - v * (bottom - top - 20)
 
+        # The axis ranges, since there are no ticks.
+        draw.text((left, bottom + 5), f"{x0:.3g}", fill="gray")
+        draw.text((right - 40, bottom + 5), f"{x1:.3g}", fill="gray")
+        draw.text((right - 60, top + 5), f"max {y1:.3g}", fill="gray")
+        draw.text((right - 60, bottom - 15), f"min {y0:.3g}", fill="gray")
         front = _pareto_front(list(zip(xs, ys)))
         draw.line([place(xs[i], ys[i]) for i in front], fill="gray", width=1)
         for x, y, label in zip(xs, ys, labels):

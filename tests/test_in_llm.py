@@ -24,6 +24,7 @@ from g2tr_hf.in_llm import (
     drop_schedule,
     last_token_attention,
     layer_token_counts,
+    ratio_for_layer_average,
     window_cells,
 )
 from g2tr_hf.reduction import keep_count, reduce_tokens
@@ -48,6 +49,17 @@ def test_schedules_follow_the_papers_and_scale_to_depth():
         drop_schedule("sparsevlm", 28, 0.5)
     counts = layer_token_counts(drop_schedule("pdrop", 4, 0.5), 4, [16], other_tokens=10)
     assert counts == [26, 18, 14, 12]
+
+
+def test_ratio_for_a_layer_average():
+    # FastV on 28 layers: 2 full layers + 26 at r -> (2 + 26 r) / 28 = 0.5 at r = 12 / 26
+    assert ratio_for_layer_average("fastv", 28, 0.5) == pytest.approx(12 / 26, abs=1e-9)
+    for method in ("pdrop", "dart", "ivcprune"):
+        ratio = ratio_for_layer_average(method, 28, 0.6)
+        counts = layer_token_counts(drop_schedule(method, 28, ratio), 28, [10**6], other_tokens=0)
+        assert sum(counts) / 28 / 10**6 == pytest.approx(0.6, abs=1e-3)
+    with pytest.raises(ValueError, match="at least 0.071"):
+        ratio_for_layer_average("fastv", 28, 0.05)
 
 
 def test_window_selection_spreads_the_budget_over_windows():

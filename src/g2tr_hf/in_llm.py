@@ -70,6 +70,7 @@ __all__ = [
     "acts_in_llm",
     "drop_schedule",
     "layer_token_counts",
+    "ratio_for_layer_average",
 ]
 
 IN_LLM_METHODS = ("fastv", "wfastv", "pdrop", "dart", "ivcprune")
@@ -160,6 +161,41 @@ def layer_token_counts(
         kept = [keep_count(n, done[-1], min_keep) if done else n for n in image_tokens]
         counts.append(other_tokens + sum(kept))
     return counts
+
+
+def _layer_average_share(schedule: DropSchedule, num_layers: int) -> float:
+    """Share of the image tokens an average layer processes (no rounding)."""
+    total = 0.0
+    for layer in range(num_layers):
+        done = [keep for drop, keep in zip(schedule.drop_layers, schedule.keep) if drop <= layer]
+        total += done[-1] if done else 1.0
+    return total / num_layers
+
+
+def ratio_for_layer_average(method: str, num_layers: int, target: float) -> float:
+    """The `g2tr_ratio` at which `method` processes `target` of the image tokens per layer on average ("Avg.
+    Tokens" as a share of the image), so that in-LLM methods can be compared with pre-LLM ones at equal compute.
+
+    The share grows monotonically with the ratio; it is found by bisection on the exact schedule (per-image rounding
+    of the kept counts is ignored). A target below what the method can reach (its layers before the first drop
+    always see every token) is an error naming the floor.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"`target` must be in (0, 1], got {target!r}.")
+    floor = _layer_average_share(drop_schedule(method, num_layers, 1e-9), num_layers)
+    if target < floor:
+        raise ValueError(
+            f"{method!r} on {num_layers} layers processes at least {floor:.3f} of the image tokens per layer on "
+            f"average (its layers before the first drop see them all); `target`={target} is below that."
+        )
+    low, high = 1e-9, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if _layer_average_share(drop_schedule(method, num_layers, middle), num_layers) < target:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 # ----------------------------------------------------------------------------------------------------------------

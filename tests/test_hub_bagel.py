@@ -28,8 +28,10 @@ RATIO = 0.5
 MAX_NEW_TOKENS = 4
 QUESTION = "What color is the image?"
 REMOTE_CODE_FILES = (
+    "baselines.py",
     "configuration_bagel.py",
     "configuration_g2tr.py",
+    "in_llm.py",
     "modeling_bagel.py",
     "processing_bagel.py",
     "reduction.py",

@@ -33,7 +33,7 @@ def test_atomic_directory_publishes_only_on_success(tmp_path):
 
 def test_remote_code_files_follow_sibling_imports():
     names = sorted(p.name for p in remote_code_files([G2TRConfig]))
-    assert names == ["configuration_g2tr.py", "reduction.py"]
+    assert names == ["baselines.py", "configuration_g2tr.py", "in_llm.py", "reduction.py"]
 
 
 def test_auto_map_entries():

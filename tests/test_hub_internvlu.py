@@ -58,7 +58,7 @@ def _messages(image: str) -> list[dict]:
 def test_export_writes_remote_code_and_auto_maps(exported):
     for name in (
         "configuration_internvlu.py", "configuration_g2tr.py", "modeling_internvlu.py", "processing_internvlu.py",
-        "reduction.py", "config.json", "processor_config.json", "generation_config.json", "model.safetensors",
+        "reduction.py", "baselines.py", "in_llm.py", "config.json", "processor_config.json", "generation_config.json", "model.safetensors",
         "tokenizer.json", "chat_template.jinja", "README.md",
     ):  # fmt: skip
         assert (exported / name).is_file(), name

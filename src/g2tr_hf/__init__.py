@@ -36,6 +36,10 @@ from .reduction import (
 from .tiny import build_tiny, build_tiny_internvlu_generation
 
 
+# After `reduction` (imported by the configurations above), which registers the baselines when it loads.
+from .baselines import reduction_options, resolve_method  # noqa: E402
+
+
 __version__ = "0.1.0.dev0"
 
 
@@ -84,5 +88,7 @@ __all__ = [
     "latent_cell_index",
     "reduce_tokens",
     "reduce_tokens_batched",
+    "reduction_options",
     "register_method",
+    "resolve_method",
 ]

@@ -853,6 +853,73 @@ def _eval_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------- bench
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .baselines import resolve_method
+    from .bench import load_samples, run_bench, write_reports
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:  # bad names fail before anything is loaded
+        resolve_method(method)
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        raise CLIError(f"`--ratios` must be comma-separated numbers in (0, 1], got {args.ratios!r}") from None
+    samples = load_samples(args.data)
+    source = resolve_model(args.model)
+    model, processor = load_model(source, args.trust_remote_code)
+    if args.device:
+        model = model.to(args.device)
+    result = run_bench(
+        model,
+        processor,
+        samples,
+        methods,
+        ratios,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        max_new_tokens=args.max_new_tokens,
+        edit=args.edit,
+        edit_steps=args.edit_steps,
+        progress=not args.no_progress,
+        model_name=source.name,
+    )
+    paths = write_reports(result, args.output_dir)
+    print(paths["markdown"].read_text())
+    print(f"Wrote {paths['csv']}, {paths['markdown']} and {paths['png']}.")
+    return 0
+
+
+def _add_bench_command(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="speed, budget and fidelity of reduction methods side by side",
+        description="Run every method at every ratio against the unreduced model on an image + question set: "
+        "tokens, Avg. Tokens, KV, FLOPs, measured prefill and decode times, next-token KL, top-1 and greedy "
+        "agreement (and, with --edit on BAGEL, velocity error and PSNR/SSIM of the edited image). Writes "
+        "bench.csv, bench.md and bench_pareto.png.",
+    )
+    bench.add_argument("--model", default="tiny-bagel", help="a g2tr_hf model folder, a Hub repo id or "
+                       f"{' / '.join(TINY_MODEL_NAMES)} (default tiny-bagel)")  # fmt: skip
+    bench.add_argument("--data", help="a folder of images (optionally with questions.json / questions.csv), or a "
+                       ".json / .csv file of image + question (default: a small generated set)")  # fmt: skip
+    bench.add_argument("--methods", default="g2tr,random,pool,divprune,visionzip,tome,fastv,wfastv,pdrop,dart,ivcprune",
+                       help="comma-separated presets or registered methods, options as name:key=value")  # fmt: skip
+    bench.add_argument("--ratios", default="0.25,0.5", help="comma-separated keep ratios (default 0.25,0.5)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    bench.add_argument("--max-new-tokens", type=int, default=8, help="greedy answer length (default 8)")
+    bench.add_argument("--edit", action="store_true", help="also edit each image with its question (BAGEL)")
+    bench.add_argument("--edit-steps", type=int, default=4, help="sampler points per edit (default 4)")
+    bench.add_argument("--device", help="move the model there first (e.g. cuda)")
+    bench.add_argument("-o", "--output-dir", default="g2tr_bench", help="where the reports go (default g2tr_bench)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_trust_remote_code(bench)
+    bench.set_defaults(run=_bench)
+
+
 # ------------------------------------------------------------------------------------------------------ the parser
 
 
@@ -911,6 +978,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_internvlu_file_commands(commands)
     _add_bagel_image_commands(commands)
     _add_eval_commands(commands)
+    _add_bench_command(commands)
     _add_common_options(parser)
     return parser
 

@@ -63,10 +63,12 @@ from .generation_g2tr import (
     open_compact_cache,
     stored_length,
 )
+from .in_llm import InLLMDropper, acts_in_llm
 from .reduction import (
     ReductionResult,
     anchor_encode_size,
     build_latent_anchors,
+    method_needs_anchors,
     reduce_tokens,
     resize_for_anchors,
 )
@@ -1162,7 +1164,9 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         """
         config = self.config
         pool = config.g2tr_latent_pool
-        if latents is None:
+        if not method_needs_anchors(config.g2tr_method):
+            latents = [None] * image_grid_hw.shape[0]  # an anchor-free method (random, pool, ...): no VAE encode
+        elif latents is None:
             latents, pool = self.encode_anchor_latents(vae_pixel_values, vae_image_hw)
         if len(latents) != image_grid_hw.shape[0]:
             raise ValueError(
@@ -1172,16 +1176,19 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         per_image = features.split([h * w for h, w in grids])
         results, kept, offset = [], [], 0
         for image_features, grid, latent in zip(per_image, grids, latents):
-            anchors, anchor_grid = build_latent_anchors(
-                latent,
-                patch_size=config.latent_patch_size,
-                pool=pool,
-                project=self._project_latent_anchors,
-            )
+            anchors, anchor_grid = None, None
+            if latent is not None:
+                anchors, anchor_grid = build_latent_anchors(
+                    latent,
+                    patch_size=config.latent_patch_size,
+                    pool=pool,
+                    project=self._project_latent_anchors,
+                )
+                anchors = anchors.to(image_features.dtype)
             result = reduce_tokens(
                 image_features,
                 grid,
-                anchors.to(image_features.dtype),
+                anchors,
                 anchor_grid,
                 ratio=ratio,
                 **config.g2tr_reduction_kwargs(),
@@ -1215,17 +1222,19 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         if ratio >= 1.0:
             # The unreduced upstream path, untouched: no VAE encode, no plan.
             return features + self.vit_pos_embed(image_position_ids), None, None
-        if getattr(self, "vae", None) is None or not self.config.visual_gen:
+        if not method_needs_anchors(self.config.g2tr_method):
+            pass  # no anchors, hence no VAE and no VAE inputs needed
+        elif getattr(self, "vae", None) is None or not self.config.visual_gen:
             raise ValueError(
                 f"g2tr_ratio={ratio} < 1 needs the VAE for its latent anchors, but this model has none "
                 "(`config.visual_gen=False` or diffusers is not installed). Use g2tr_ratio=1.0."
             )
-        if latents is None and (vae_pixel_values is None or vae_image_hw is None):
+        elif latents is None and (vae_pixel_values is None or vae_image_hw is None):
             raise ValueError(
                 f"g2tr_ratio={ratio} < 1 needs `vae_pixel_values` and `vae_image_hw` (the VAE-sized images the "
                 "processor returns) to build the latent anchors."
             )
-        if latents is None and vae_image_hw.shape[0] != image_grid_hw.shape[0]:
+        elif latents is None and vae_image_hw.shape[0] != image_grid_hw.shape[0]:
             raise ValueError(
                 f"`vae_image_hw` has {vae_image_hw.shape[0]} images but `image_grid_hw` has {image_grid_hw.shape[0]}."
             )
@@ -1461,7 +1470,8 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         if bool(image_tokens.any()):
             self._check_image_inputs(structure_ids, block_ids, pixel_values, image_position_ids, image_grid_hw)
             image_embeds, kept_patches, reductions = self._image_block_embeddings(
-                pixel_values, image_position_ids, image_grid_hw, vae_pixel_values, vae_image_hw, ratio
+                pixel_values, image_position_ids, image_grid_hw, vae_pixel_values, vae_image_hw,
+                1.0 if acts_in_llm(self.config.g2tr_method) else ratio,  # in-LLM methods drop in the decoder
             )
             if kept_patches is not None:
                 kept_token_mask = kept_token_mask.clone()
@@ -1492,14 +1502,27 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             mask_4d = decoder_attention_mask(
                 self.language_model.config, layout.attention_mask.to(device), new_mask, block_ids
             )
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            position_ids=position_ids,
-            attention_mask=mask_4d,
-            past_key_values=past_key_values,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            **kwargs,
+        # In-LLM methods (FastV, PDrop, DART) drop image tokens between decoder layers; a no-op otherwise.
+        dropper = InLLMDropper.for_call(
+            self.config, ratio, image_tokens & kept_token_mask, new_mask, position_ids, past_mask=layout.attention_mask,
+            cache=past_key_values, block_ids=block_ids,
+            mask_fn=lambda real, blocks: decoder_attention_mask(
+                self.language_model.config, layout.attention_mask.to(device), real, blocks
+            ),
+            grids=None if image_grid_hw is None else image_grid_hw.tolist(),
+        )  # fmt: skip
+        with dropper.attached(self.language_model.layers):
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                position_ids=position_ids,
+                attention_mask=mask_4d,
+                past_key_values=past_key_values,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+                **kwargs,
+            )
+        new_mask, position_ids, kept_token_mask = dropper.finish(
+            past_key_values, new_mask, position_ids, kept_token_mask
         )
         if past_key_values is not None:
             past_key_values.layout = layout.extended(new_mask, position_ids, dropped=length - new_mask.shape[1])

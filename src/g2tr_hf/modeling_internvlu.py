@@ -59,11 +59,13 @@ from .generation_g2tr import (
     inside_blocks,
     open_compact_cache,
 )
+from .in_llm import InLLMDropper, acts_in_llm
 from .reduction import (
     ReductionResult,
     anchor_encode_size,
     build_latent_anchors,
     interpolate_channels,
+    method_needs_anchors,
     reduce_tokens,
     reduces_anything,
     resize_for_anchors,
@@ -613,14 +615,18 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
             One `ReductionResult` per image (keep [K], tokens [K, hidden_size], ...).
         """
         side = self.config.image_grid_size
-        # The anchors only steer the selection: no gradient flows into the VAE.
-        with torch.no_grad():
-            anchors = self.get_latent_anchors(vae_pixel_values, vae_pixel_sizes)
+        if not method_needs_anchors(self.config.g2tr_method):
+            # An anchor-free method (random, pool, ...): no VAE encode.
+            anchors = [(None, None)] * image_features.shape[0]
+        else:
+            # The anchors only steer the selection: no gradient flows into the VAE.
+            with torch.no_grad():
+                anchors = self.get_latent_anchors(vae_pixel_values, vae_pixel_sizes)
         return [
             reduce_tokens(
                 features,
                 (side, side),
-                image_anchors.to(device=features.device, dtype=features.dtype),
+                None if image_anchors is None else image_anchors.to(device=features.device, dtype=features.dtype),
                 anchor_grid,
                 ratio=ratio,
                 **self.config.g2tr_reduction_kwargs(),
@@ -792,10 +798,15 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
                 image_features = self.get_image_features(pixel_values).pooler_output
                 ratio = self.config.resolve_g2tr_ratio(g2tr_ratio)
                 num_images, tokens_per_image = image_features.shape[:2]
-                if reduces_anything(tokens_per_image, ratio, self.config.g2tr_min_keep):
-                    if self.config.g2tr_anchor_source == "vit_pixels":
+                in_llm = acts_in_llm(self.config.g2tr_method)  # those drop in the decoder (below)
+                if not in_llm and reduces_anything(tokens_per_image, ratio, self.config.g2tr_min_keep):
+                    if not method_needs_anchors(self.config.g2tr_method):
+                        pass  # no anchors, hence no VAE and no VAE inputs needed
+                    elif self.config.g2tr_anchor_source == "vit_pixels":
                         vae_pixel_values, vae_pixel_sizes = vae_pixels_from_vit_pixels(pixel_values), None
-                    self._check_vae_inputs(num_images, vae_pixel_values, ratio)
+                        self._check_vae_inputs(num_images, vae_pixel_values, ratio)
+                    else:
+                        self._check_vae_inputs(num_images, vae_pixel_values, ratio)
                     reduction = self.reduce_image_features(image_features, vae_pixel_values, vae_pixel_sizes, ratio)
                 inputs_embeds, drop = self.insert_image_features(inputs_embeds, placeholder, image_features, reduction)
             elif bool(placeholder.any()):
@@ -818,14 +829,27 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
         if position_ids is None:
             position_ids = positions_after(layout.next_position.to(device), new_mask)
 
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=torch.cat([layout.attention_mask.to(device), new_mask], dim=-1).long(),
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **{CACHE_KWARG: past_key_values},
-            **kwargs,
-        )
+        # In-LLM methods (FastV, PDrop, DART) drop image tokens between decoder layers; a no-op otherwise.
+        image_slots = placeholder if image_features is not None else torch.zeros_like(token_ids, dtype=torch.bool)
+        dropper = InLLMDropper.for_call(
+            self.config, self.config.resolve_g2tr_ratio(g2tr_ratio), image_slots.to(device), new_mask, position_ids,
+            past_mask=layout.attention_mask.to(device), cache=past_key_values,
+            grids=None if image_features is None else [(self.config.image_grid_size,) * 2] * image_features.shape[0],
+        )  # fmt: skip
+        with dropper.attached(self.language_model.layers):
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=torch.cat([layout.attention_mask.to(device), new_mask], dim=-1).long(),
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **{CACHE_KWARG: past_key_values},
+                **kwargs,
+            )
+        if dropper.active:
+            new_mask, position_ids, kept = dropper.finish(
+                past_key_values, new_mask, position_ids, torch.ones_like(token_ids, dtype=torch.bool)
+            )
+            drop = ~kept
         if past_key_values is not None:
             past_key_values.layout = layout.extended(new_mask, position_ids, dropped=length - new_mask.shape[1])
         output = G2TRInternVLUModelOutputWithPast(

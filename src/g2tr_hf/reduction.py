@@ -42,6 +42,7 @@ __all__ = [
     "keep_count",
     "reduces_anything",
     "latent_cell_index",
+    "method_needs_anchors",
     "reduce_tokens",
     "reduce_tokens_batched",
     "register_method",
@@ -192,7 +193,11 @@ def latent_consistency_scores(
 
 @dataclass(frozen=True)
 class SelectionInputs:
-    """Everything a selection method may look at for one image."""
+    """Everything a selection method may look at for one image.
+
+    For a method registered with `needs_anchors=False` no anchors exist: `scores` are zeros, `cells` all 0 and
+    `anchor_grid` (1, 1), and `occupied_cells` 1.
+    """
 
     scores: torch.Tensor  # [N] float32
     cells: torch.Tensor  # [N] long, latent cell per token
@@ -201,24 +206,52 @@ class SelectionInputs:
     num_keep: int
     occupied_cells: int
     seed: int
+    features: torch.Tensor | None = None  # [N, D] the tokens being reduced (in their own dtype)
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """What a method that merges in its own way returns instead of plain kept indices.
+
+    Attributes:
+        keep: LongTensor [K], kept local indices, unique and ascending.
+        assignment: LongTensor [N], the row of `keep` every token is averaged into (a kept token maps to its own
+            row). The model's `merge` option then uses this grouping instead of nearest-cosine assignment.
+        scores: optional [N] float32 scores of the method, reported in `ReductionResult.scores`.
+    """
+
+    keep: torch.Tensor
+    assignment: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
 
 class SelectionMethod(Protocol):
-    def __call__(self, inputs: SelectionInputs) -> torch.Tensor:
-        """Return the kept local indices, LongTensor [num_keep], unique and in ascending order."""
+    def __call__(self, inputs: SelectionInputs) -> "torch.Tensor | SelectionPlan":
+        """Return the kept local indices, LongTensor [num_keep], unique and in ascending order (or a plan)."""
 
 
 _METHODS: dict[str, SelectionMethod] = {}
+_NEEDS_ANCHORS: dict[str, bool] = {}
 
 
-def register_method(name: str) -> Callable[[SelectionMethod], SelectionMethod]:
-    """Decorator adding a selection method to the registry under `name` (the value of `method=`/`g2tr_method`)."""
+def register_method(name: str, *, needs_anchors: bool = True) -> Callable[[SelectionMethod], SelectionMethod]:
+    """Decorator adding a selection method to the registry under `name` (the value of `method=`/`g2tr_method`).
+
+    `needs_anchors=False` declares that the method never reads the latent-consistency scores or cells, so the
+    models skip the VAE encode of the anchors for it (and run without a VAE at all).
+    """
 
     def decorator(fn: SelectionMethod) -> SelectionMethod:
         _METHODS[name] = fn
+        _NEEDS_ANCHORS[name] = bool(needs_anchors)
         return fn
 
     return decorator
+
+
+def method_needs_anchors(name: str) -> bool:
+    """Whether the registered method `name` uses the VAE-latent anchors (unknown names: True, the safe answer)."""
+    return _NEEDS_ANCHORS.get(name, True)
 
 
 def available_methods() -> list[str]:
@@ -268,7 +301,7 @@ def _select_topk(inputs: SelectionInputs) -> torch.Tensor:
     return torch.sort(_rank_descending(inputs.scores)[: inputs.num_keep]).values
 
 
-@register_method("random")
+@register_method("random", needs_anchors=False)
 def _select_random(inputs: SelectionInputs) -> torch.Tensor:
     """A uniformly random subset, reproducible through `seed`."""
     generator = torch.Generator(device="cpu").manual_seed(inputs.seed)
@@ -276,7 +309,7 @@ def _select_random(inputs: SelectionInputs) -> torch.Tensor:
     return torch.sort(chosen).values.to(inputs.scores.device)
 
 
-@register_method("pool")
+@register_method("pool", needs_anchors=False)
 def _select_pool(inputs: SelectionInputs) -> torch.Tensor:
     """Uniform spatial subsampling: a regular sub-grid of at least k tokens, thinned evenly to exactly k.
 
@@ -375,7 +408,7 @@ class ReductionResult:
     Attributes:
         keep: LongTensor [K], kept local indices in ascending order.
         tokens: [K, D] merged tokens in the input dtype (`features[keep]` when merging is off).
-        scores: [N] float32 latent-consistency scores.
+        scores: [N] float32 latent-consistency scores (a method without anchors reports its own scores, or zeros).
         assignment: LongTensor [N], the row of `tokens` each input token ended in (kept tokens map to their own
             row; with merging off, dropped tokens end in no row and hold -1).
         merged: whether `tokens` were merged.
@@ -433,6 +466,22 @@ def _check_grid(name: str, grid: object) -> tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
+def _check_features(features, grid) -> tuple[int, int]:
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
+        raise ValueError(
+            "`features` must be a floating-point tensor of shape [num_tokens, dim], got "
+            f"{type(features).__name__} {tuple(getattr(features, 'shape', ()))}."
+        )
+    grid = _check_grid("grid", grid)
+    if grid[0] * grid[1] != features.shape[0]:
+        raise ValueError(
+            f"`grid` {grid} holds {grid[0] * grid[1]} tokens but `features` has {features.shape[0]} rows."
+        )
+    if not torch.isfinite(features).all():
+        raise ValueError("`features` contains non-finite values (NaN or inf).")
+    return grid
+
+
 def _check_inputs(features, grid, anchors, anchor_grid) -> tuple[tuple[int, int], tuple[int, int]]:
     if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
         raise ValueError(
@@ -473,8 +522,8 @@ def _raise_non_finite(features: torch.Tensor, anchors: torch.Tensor) -> None:
 def reduce_tokens(
     features: torch.Tensor,
     grid: tuple[int, int],
-    anchors: torch.Tensor,
-    anchor_grid: tuple[int, int],
+    anchors: torch.Tensor | None,
+    anchor_grid: tuple[int, int] | None,
     *,
     ratio: float,
     min_keep: int = 1,
@@ -489,12 +538,14 @@ def reduce_tokens(
     Args:
         features: [N, D] projected ViT tokens, row-major on `grid`.
         grid: (h, w) with h * w == N.
-        anchors: [M, D] latent anchors, row-major on `anchor_grid`.
-        anchor_grid: (h_l, w_l) with h_l * w_l == M.
+        anchors: [M, D] latent anchors, row-major on `anchor_grid`; may be None for a method registered with
+            `needs_anchors=False` (`method_needs_anchors`).
+        anchor_grid: (h_l, w_l) with h_l * w_l == M (None with `anchors`).
         ratio: keep ratio in (0, 1]; K = keep_count(N, ratio, min_keep).
         min_keep: lower bound on K.
         method: a key of `available_methods()`.
-        merge: average each dropped token into its most similar kept token (else plain pruning).
+        merge: average each dropped token into its kept token (the method's own grouping when it returns a
+            `SelectionPlan` with an assignment, else the most cosine-similar kept token); else plain pruning.
         merge_scaling: weight of the kept token in the average.
         cell_mapping: "corner" (official: the cell holding the token's top-left corner) or "center".
         seed: seed of the "random" method.
@@ -504,34 +555,60 @@ def reduce_tokens(
     validate_reduction_options(
         ratio=ratio, min_keep=min_keep, method=method, merge_scaling=merge_scaling, cell_mapping=cell_mapping
     )
-    grid, anchor_grid = _check_inputs(features, grid, anchors, anchor_grid)
+    uses_anchors = method_needs_anchors(method) or anchors is not None
+    if uses_anchors:
+        if anchors is None:
+            raise ValueError(f"`anchors` are required by method {method!r} (it scores tokens against the latents).")
+        grid, anchor_grid = _check_inputs(features, grid, anchors, anchor_grid)
+    else:
+        grid = _check_features(features, grid)
+        anchor_grid = (1, 1)
     num_tokens = features.shape[0]
-    scores = latent_consistency_scores(features, anchors, grid, anchor_grid, cell_mapping)
-    if not torch.isfinite(scores).all():
-        _raise_non_finite(features, anchors)
+    if uses_anchors:
+        scores = latent_consistency_scores(features, anchors, grid, anchor_grid, cell_mapping)
+        if not torch.isfinite(scores).all():
+            _raise_non_finite(features, anchors)
+    else:
+        scores = torch.zeros(num_tokens, dtype=torch.float32, device=features.device)
 
     num_keep = keep_count(num_tokens, ratio, min_keep)
     if not reduces_anything(num_tokens, ratio, min_keep):
         everything = torch.arange(num_tokens, device=features.device)
         return ReductionResult(everything, features, scores, everything.clone(), merge, float(merge_scaling))
 
+    if uses_anchors:
+        cells = latent_cell_index(grid, anchor_grid, cell_mapping, device=features.device)
+        occupied = _occupied_cell_count(grid, anchor_grid, cell_mapping)
+    else:
+        cells = torch.zeros(num_tokens, dtype=torch.long, device=features.device)
+        occupied = 1
     inputs = SelectionInputs(
         scores=scores,
-        cells=latent_cell_index(grid, anchor_grid, cell_mapping, device=features.device),
+        cells=cells,
         grid=grid,
         anchor_grid=anchor_grid,
         num_keep=num_keep,
-        occupied_cells=_occupied_cell_count(grid, anchor_grid, cell_mapping),
+        occupied_cells=occupied,
         seed=seed,
+        features=features,
     )
-    keep = _METHODS[method](inputs)
+    selection = _METHODS[method](inputs)
+    own_assignment = None
+    if isinstance(selection, SelectionPlan):
+        keep, own_assignment = selection.keep, selection.assignment
+        if selection.scores is not None:
+            scores = selection.scores.float()
+    else:
+        keep = selection
+    if keep.numel() != num_keep:
+        raise RuntimeError(f"method {method!r} kept {keep.numel()} tokens instead of the budget {num_keep}.")
     if not merge:
         # Plain pruning: no similarity matmul; dropped tokens end in no row.
         assignment = torch.full((num_tokens,), -1, dtype=torch.long, device=features.device)
         assignment[keep] = torch.arange(num_keep, device=features.device)
         return ReductionResult(keep, features.index_select(0, keep), scores, assignment, False, float(merge_scaling))
     dropped = _complement(keep, num_tokens)
-    assignment = _assign_to_kept(features, keep, dropped)
+    assignment = own_assignment if own_assignment is not None else _assign_to_kept(features, keep, dropped)
     tokens = _merge_groups(features, keep, dropped, assignment, float(merge_scaling))
     return ReductionResult(keep, tokens, scores, assignment, True, float(merge_scaling))
 
@@ -706,3 +783,9 @@ def resize_for_anchors(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     resized = F.interpolate(batched.float(), size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
     resized = resized.to(pixels.dtype)
     return resized if pixels.dim() == 4 else resized[0]
+
+
+# The baseline methods register themselves in the registry above; importing them here makes every method name valid
+# wherever `reduction` is imported (and ships them with the remote code of a Hub folder).
+from .baselines import METHOD_PRESETS as _METHOD_PRESETS  # noqa: E402,F401
+from .in_llm import IN_LLM_METHODS as _IN_LLM_METHODS  # noqa: E402,F401

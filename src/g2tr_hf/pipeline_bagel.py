@@ -416,9 +416,9 @@ class G2TRBagelPipeline(ModelCpuOffloadMixin, Pipeline):
                 "text_channel" / 0.0, text-to-image 4.0 / 1.0 / (0.4, 1.0) / "global" / 0.0. A scale <= 1 skips its
                 branch.
             timestep_shift (`float`, defaults to 3.0): the schedule's shift s.
-            height, width (`int`, *optional*): text-to-image output size, multiples of 16; defaults to the largest
-                square `latent_pos_embed` covers (1024 x 1024 for BAGEL-7B-MoT). An edit keeps the VAE-resized size of
-                its (last) input image.
+            height, width (`int`, *optional*): output size of the text-to-image prompts, multiples of 16; defaults
+                to the largest square `latent_pos_embed` covers (1024 x 1024 for BAGEL-7B-MoT). An edit keeps the
+                VAE-resized size of its (last) input image.
             think (`bool`, defaults to False): upstream's think mode: a planning system prompt, then a plan the model
                 writes (greedy decoding) before the image.
             max_think_tokens (`int`, defaults to 1000): length cap of the plan, counted as upstream (the
@@ -747,7 +747,7 @@ class G2TRBagelPipeline(ModelCpuOffloadMixin, Pipeline):
             raise ValueError(f"`max_think_tokens` must be an integer >= 1, got {max_think_tokens!r}.")
         check_output_type(output_type)
         check_return_dict(return_dict)
-        self._check_size(height, width, any(images_per_row))
+        self._check_size(height, width, all(images_per_row))
 
         requests = []
         for text, images in zip(prompts, images_per_row):
@@ -782,13 +782,15 @@ class G2TRBagelPipeline(ModelCpuOffloadMixin, Pipeline):
                 )
         return images
 
-    def _check_size(self, height: Any, width: Any, has_edit: bool) -> None:
+    def _check_size(self, height: Any, width: Any, only_edits: bool) -> None:
+        """`height` / `width` size the text-to-image prompts of a call (edits keep their input's size), so they are
+        refused when every prompt is an edit."""
         stride = self.model.latent_downsample
         largest = self.model.config.max_latent_size * stride
         for name, value in (("height", height), ("width", width)):
             if value is None:
                 continue
-            if has_edit:
+            if only_edits:
                 raise ValueError(
                     f"`{name}` applies to text-to-image only: an edit keeps the VAE-resized size of its input image."
                 )

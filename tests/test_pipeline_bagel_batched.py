@@ -316,3 +316,27 @@ def test_model_cpu_offload_installs_hooks_and_keeps_the_output(wide):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     pipe.remove_all_hooks()
     assert all(getattr(module, "_hf_hook", None) is None for module in model.modules())
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_runs_several_prompts_and_images_per_prompt(tmp_path, wide, capsys):
+    from g2tr_hf.cli import main as cli_main
+
+    source = tmp_path / "in.png"
+    wide.save(source)
+    command = ["generate", "--prompt", "a cat", "a dog", "--num-images-per-prompt", "2", "--steps", "2",
+               "--height", "16", "--width", "32", "-o", str(tmp_path / "gen.png")]  # fmt: skip
+    assert cli_main(command) == 0
+    written = sorted(path.name for path in tmp_path.glob("gen-*.png"))
+    assert written == ["gen-0.png", "gen-1.png", "gen-2.png", "gen-3.png"]
+    assert PIL.Image.open(tmp_path / "gen-3.png").size == (32, 16)
+    assert "4 image(s)" in capsys.readouterr().out
+
+    command = ["edit", "--image", str(source), "--prompt", "red", "blue", "--steps", "2", "-o", str(tmp_path / "e.png")]
+    assert cli_main(command) == 0
+    assert sorted(path.name for path in tmp_path.glob("e-*.png")) == ["e-0.png", "e-1.png"]
+    command = ["edit", "--image", str(source), str(source), "--prompt", "a", "b", "c", "-o", str(tmp_path / "x.png")]
+    assert cli_main(command) == 2
+    assert "`--image`" in capsys.readouterr().err

@@ -31,6 +31,8 @@ REMOTE_CODE_FILES = (
     "configuration_bagel.py",
     "configuration_g2tr.py",
     "modeling_bagel.py",
+    "pipeline_bagel.py",
+    "pipeline_utils.py",
     "processing_bagel.py",
     "reduction.py",
 )

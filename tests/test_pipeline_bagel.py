@@ -533,9 +533,13 @@ CHILD = textwrap.dedent(
     result = pipe(prompt="make the sky red", image=PIL.Image.open(image_path), num_inference_steps=3,
                   generator=torch.Generator().manual_seed(0), g2tr_ratio=0.5, show_progress=False)
     np.save(output, np.asarray(result.images[0]))
+    # The batched path and the diffusers options come with the remote code too (pipeline_utils ships beside it).
+    images, thoughts = pipe(prompt=["a", "b"], num_images_per_prompt=2, num_inference_steps=2, height=16, width=32,
+                            output_type="np", return_dict=False, show_progress=False)
     assert "g2tr_hf" not in sys.modules
     print("RESULT " + json.dumps({"pipeline": type(pipe).__module__ + "." + type(pipe).__name__,
-                                  "model": type(pipe.model).__module__, "task": pipe.task}))
+                                  "model": type(pipe.model).__module__, "task": pipe.task,
+                                  "batched": [list(image.shape) for image in images]}))
     """
 )
 
@@ -553,6 +557,8 @@ def test_pipeline_loads_from_an_exported_folder_without_g2tr_hf(tiny, pipe, imag
     child = run_without_g2tr_hf(CHILD, folder, source, tmp_path / "out.npy", workdir=tmp_path)
     assert child["pipeline"].startswith("transformers_modules.") and child["pipeline"].endswith("G2TRBagelPipeline")
     assert child["model"].startswith("transformers_modules.") and child["task"] == pipeline_module.PIPELINE_TASK
+    assert child["batched"] == [[16, 32, 3]] * 4
+    assert (folder / "pipeline_utils.py").is_file()
 
     local = edit(pipe, PIL.Image.open(source), g2tr_ratio=RATIO).images[0]
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.asarray(local))

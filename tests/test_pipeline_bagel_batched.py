@@ -211,13 +211,14 @@ def test_callback_sees_every_step_and_can_replace_the_latents(pipe, wide):
     def replace(pipeline, step, timestep, callback_kwargs):
         return {"latents": [latent + 1.0 for latent in callback_kwargs["latents"]]} if step == 0 else {}
 
-    shifted = run(pipe, "make the sky red", wide, generator=seeded(), callback_on_step_end=replace, output_type="latent")
+    edit = dict(prompt="make the sky red", image=wide, output_type="latent")
+    shifted = run(pipe, **edit, generator=seeded(), callback_on_step_end=replace)
     assert not torch.allclose(shifted.images[0], final.images[0])  # step 1 continued from the replaced latents
 
     def zero_last(pipeline, step, timestep, callback_kwargs):
         return {"latents": torch.zeros(1, 8, 64)} if step == 1 else {}
 
-    zeros = run(pipe, "make the sky red", wide, generator=seeded(), callback_on_step_end=zero_last, output_type="latent")
+    zeros = run(pipe, **edit, generator=seeded(), callback_on_step_end=zero_last)
     torch.testing.assert_close(zeros.images[0], torch.zeros(8, 64), rtol=0, atol=0)
 
 

@@ -1538,13 +1538,15 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
 
     # --- image generation: context blocks, rectified-flow velocity, VAE decode -----------------------------------
     #
-    # The editing / text-to-image path of upstream's `InterleaveInferencer`, one request (batch 1)
-    # at a time, on a transformers `DynamicCache` that carries its BAGEL layout like the understanding path's caches:
+    # The editing / text-to-image path of upstream's `InterleaveInferencer`. Contexts are prefilled one request
+    # (batch 1) at a time, on a transformers `DynamicCache` that carries its BAGEL layout like the understanding path's caches:
     #   prefill_vae_image  the clean VAE block of an input image (t = 0, gen expert, never reduced)
     #   prefill_vit_image  its ViT block, reduced by G2TR with anchors from that same latent (no second encode)
     #   prefill_text       a `<|im_start|> ... <|im_end|>` segment (through `forward`)
     #   embed_latent_query + flow_velocity   one velocity evaluation of the noisy latent block against a context
-    #   decode_latent_tokens                 latent tokens -> pixels
+    #   embed_latent_queries + flow_velocities   the same for a batch: several latents (any grids, left-padded)
+    #                      and CFG branches in one pass, each reading its window of a row of a stacked context cache
+    #   decode_latent_tokens                 latent tokens -> pixels (a batch of one grid at once)
     # The sampler (schedule, CFG, Euler steps) lives in `pipeline_bagel.G2TRBagelPipeline`. Like upstream's, these
     # inference helpers run without autograd.
 

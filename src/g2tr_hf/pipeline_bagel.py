@@ -1,7 +1,7 @@
 """`G2TRBagelPipeline`: image editing and text-to-image with BAGEL-7B-MoT and G2TR token reduction.
 
 The algorithm is the official inferencer's (ByteDance-Seed/Bagel `inferencer.py` and `Bagel.generate_image`; with
-G2TR as in the official G2TR code's editing mode, see `docs/models.md`), one request at a time:
+G2TR as in the official G2TR code's editing mode, see `docs/models.md`), for each request (batches: below):
 
 1. Context. Every input image enters the conditional context twice: first as a clean VAE block (t = 0, generation
    expert, never reduced, h*w + 2 tokens at one RoPE position), then as its ViT block, which G2TR reduces to K + 2

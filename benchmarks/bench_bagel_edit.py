@@ -265,6 +265,21 @@ def batch_memory_table() -> None:
     print("With `num_images_per_prompt` the extra images of a prompt share its context row: only the per-step "
           "transients grow.")
     print()
+    # One pass serves every branch, so every branch row carries the keys of its prompt's whole row; the image-free
+    # branch sees only its short text part and the rest is masked. Kernels that do not skip masked keys still
+    # compute those scores.
+    shape = BAGEL_7B_LLM
+    query, kept = 64 * 64 + 2, keep_count(70 * 70, 0.5, MIN_KEEP)
+    conditional = query + kept + 2 + INSTRUCTION_TOKENS + 2
+    masked = 4 * query * conditional * shape.num_heads * shape.head_dim * shape.num_layers
+    vae_block, vit_block, text = Segment(query, True), Segment(kept + 2, True), Segment(INSTRUCTION_TOKENS + 2)
+    step = sum(
+        branch_flops(query, context, shape) for context in ([vae_block, vit_block, text], [vae_block, vit_block], [text])
+    )
+    print(f"Masked work of one batched guided step: the image-free branch row's scores against the {conditional} "
+          f"masked conditional entries, {masked / 1e12:.1f} TFLOP on top of {step / 1e12:.1f} TFLOP "
+          f"({100 * masked / step:.1f}%), for kernels that compute masked scores.")
+    print()
 
 
 def batch_inputs(count: int, size: int) -> tuple[list[str], list[Image.Image]]:

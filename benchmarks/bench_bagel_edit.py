@@ -31,7 +31,7 @@ run, alternating, median of `--repeats`; each batched image is checked against i
 resident memory of a fresh process running the batch vs a single edit (`ru_maxrss`).
 
 Usage: python benchmarks/bench_bagel_edit.py [--repeats 3] [--threads N] [--skip-measured]
-       python benchmarks/bench_bagel_edit.py --batch 4 [--batch-steps 4] [--batch-px 256] [--repeats 3]
+       python benchmarks/bench_bagel_edit.py --batch 4 [--batch-steps 4] [--batch-px 512] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -273,9 +273,8 @@ def batch_memory_table() -> None:
     conditional = query + kept + 2 + INSTRUCTION_TOKENS + 2
     masked = 4 * query * conditional * shape.num_heads * shape.head_dim * shape.num_layers
     vae_block, vit_block, text = Segment(query, True), Segment(kept + 2, True), Segment(INSTRUCTION_TOKENS + 2)
-    step = sum(
-        branch_flops(query, context, shape) for context in ([vae_block, vit_block, text], [vae_block, vit_block], [text])
-    )
+    contexts = ([vae_block, vit_block, text], [vae_block, vit_block], [text])
+    step = sum(branch_flops(query, context, shape) for context in contexts)
     print(f"Masked work of one batched guided step: the image-free branch row's scores against the {conditional} "
           f"masked conditional entries, {masked / 1e12:.1f} TFLOP on top of {step / 1e12:.1f} TFLOP "
           f"({100 * masked / step:.1f}%), for kernels that compute masked scores.")
@@ -356,7 +355,9 @@ def main() -> None:
     parser.add_argument("--skip-measured", action="store_true")
     parser.add_argument("--batch", type=int, default=None, help="also compare N edits batched vs sequential")
     parser.add_argument("--batch-steps", type=int, default=4, help="schedule points of the batch comparison (4)")
-    parser.add_argument("--batch-px", type=int, default=256, help="image side of the batch comparison (256)")
+    parser.add_argument(
+        "--batch-px", type=int, default=512, help="image side in the batch comparison (512, the VAE's minimum side)"
+    )
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:

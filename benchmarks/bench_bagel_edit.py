@@ -23,14 +23,27 @@ tokens), ratio 0.5 vs 1.0 in one run, median of `--repeats` after a warm-up: the
 (`G2TRBagelPipeline.encode_context`: one VAE encode, VAE block, SigLIP + connector + reduction, ViT block, the
 instruction into both text contexts) and one denoising step at t = 1 with all three CFG branches (`_forward`).
 
+Part C, batching (`--batch N`): several edits in one call. Analytic at real shapes: what each extra image of a
+batch adds to memory (its prompt's row of the stacked context cache, and the per-step transients of its CFG branch
+rows). Measured on CPU with the mid-size model: N edits of different random images of one size as one batched call
+and as N sequential calls, whole pipeline calls (`--batch-steps` schedule points, `--batch-px` images), in the same
+run, alternating, median of `--repeats`; each batched image is checked against its sequential twin; and the peak
+resident memory of a fresh process running the batch vs a single edit (`ru_maxrss`).
+
 Usage: python benchmarks/bench_bagel_edit.py [--repeats 3] [--threads N] [--skip-measured]
+       python benchmarks/bench_bagel_edit.py --batch 4 [--batch-steps 4] [--batch-px 512] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +51,7 @@ from PIL import Image
 
 from g2tr_hf.configuration_bagel import G2TRBagelConfig
 from g2tr_hf.generation_g2tr import stored_length
+import g2tr_hf.pipeline_bagel as pipeline_module
 from g2tr_hf.pipeline_bagel import EDIT_GUIDANCE, G2TRBagelPipeline, flow_timesteps
 from g2tr_hf.profiling import BAGEL_7B_LLM, DecoderShape, Segment, kv_cache_bytes, module_flops, prefill_flops
 from g2tr_hf.reduction import keep_count
@@ -48,6 +62,7 @@ RATIOS = (1.0, 0.5)
 INSTRUCTION_TOKENS = 30  # + <|im_start|> and <|im_end|>
 NUM_INFERENCE_STEPS = 50
 MIN_KEEP = 32
+BATCH_RATIO = 0.5
 
 
 # --- Part A: analytic ------------------------------------------------------------------------------------------------
@@ -175,9 +190,10 @@ def measured_table(repeats: int) -> None:
             with torch.inference_mode():
                 contexts[ratio] = pipe.encode_context(model_inputs, ratio, think=False)
             seconds[ratio, "prefill"].append(time.perf_counter() - start)
+            stacked = pipeline_module.stack_contexts([contexts[ratio]], pipe.model.config.get_text_config())
             start = time.perf_counter()
             with torch.inference_mode():
-                pipe._forward(latents, torch.tensor(1.0), grid, contexts[ratio], request.guidance)
+                pipe._forward([latents], torch.tensor(1.0), [grid], stacked, [request.guidance], [0])
             seconds[ratio, "step"].append(time.perf_counter() - start)
     rows = {
         ratio: dict(
@@ -205,14 +221,157 @@ def measured_table(repeats: int) -> None:
     print()
 
 
+# --- Part C: batching -----------------------------------------------------------------------------------------------
+
+
+def batch_memory_per_image(shape: DecoderShape, bytes_per_value: int = 2) -> dict[str, float]:
+    """MiB that one more 1024x1024 edit (ratio 0.5, edit preset: 3 CFG branches) adds to a batch, at real shapes.
+
+    - its prompt's row of the stacked context: [conditional | image-free] entries, K and V of every layer (while the
+      row is copied in, its batch-1 caches exist too: twice that, briefly);
+    - per denoising step, per decoder layer (one layer's transients live at a time), for its 3 branch rows of
+      4096 + 2 query tokens: the gathered context + query keys and values, the hidden states, and the MLP's gate / up
+      activations (the largest transient). Attention scores are not counted (SDPA's fused kernels do not store them).
+    """
+    mib = 2**20
+    kept = keep_count(70 * 70, 0.5, MIN_KEEP)
+    query = 64 * 64 + 2
+    conditional = query + (kept + 2) + INSTRUCTION_TOKENS + 2
+    image_free = INSTRUCTION_TOKENS + 2
+    row = conditional + image_free
+    branches = 3
+    kv_entry_layer = 2 * shape.num_kv_heads * shape.head_dim * bytes_per_value
+    return dict(
+        context_entries=row,
+        context=kv_cache_bytes(row, shape, bytes_per_value) / mib,
+        step_kv=branches * (row + query) * kv_entry_layer / mib,
+        step_hidden=branches * query * shape.hidden_size * bytes_per_value / mib,
+        step_mlp=2 * branches * query * shape.intermediate_size * bytes_per_value / mib,
+    )
+
+
+def batch_memory_table() -> None:
+    memory = batch_memory_per_image(BAGEL_7B_LLM)
+    print("## C. Batching: memory each extra 1024x1024 edit adds (analytic, BAGEL-7B-MoT, bf16, ratio 0.5)")
+    print()
+    print("| what | per extra image (MiB) |")
+    print("|---|---|")
+    print(f"| its prompt's row of the stacked context cache ({memory['context_entries']} entries x 28 layers) | "
+          f"{memory['context']:.0f} (held for the whole call) |")
+    print(f"| per step and layer: gathered context + query K/V of its 3 CFG branch rows | {memory['step_kv']:.0f} |")
+    print(f"| per step and layer: hidden states of its 3 branch rows (one tensor) | {memory['step_hidden']:.0f} |")
+    print(f"| per step and layer: MLP gate + up activations of its 3 branch rows | {memory['step_mlp']:.0f} |")
+    print()
+    print("With `num_images_per_prompt` the extra images of a prompt share its context row: only the per-step "
+          "transients grow.")
+    print()
+    # One pass serves every branch, so every branch row carries the keys of its prompt's whole row; the image-free
+    # branch sees only its short text part and the rest is masked. Kernels that do not skip masked keys still
+    # compute those scores.
+    shape = BAGEL_7B_LLM
+    query, kept = 64 * 64 + 2, keep_count(70 * 70, 0.5, MIN_KEEP)
+    conditional = query + kept + 2 + INSTRUCTION_TOKENS + 2
+    masked = 4 * query * conditional * shape.num_heads * shape.head_dim * shape.num_layers
+    vae_block, vit_block, text = Segment(query, True), Segment(kept + 2, True), Segment(INSTRUCTION_TOKENS + 2)
+    contexts = ([vae_block, vit_block, text], [vae_block, vit_block], [text])
+    step = sum(branch_flops(query, context, shape) for context in contexts)
+    print(f"Masked work of one batched guided step: the image-free branch row's scores against the {conditional} "
+          f"masked conditional entries, {masked / 1e12:.1f} TFLOP on top of {step / 1e12:.1f} TFLOP "
+          f"({100 * masked / step:.1f}%), for kernels that compute masked scores.")
+    print()
+
+
+def batch_inputs(count: int, size: int) -> tuple[list[str], list[Image.Image]]:
+    rng = np.random.RandomState(1)
+    images = [Image.fromarray((rng.rand(size, size, 3) * 255).astype(np.uint8)) for _ in range(count)]
+    prompts = [" ".join(["red"] * (INSTRUCTION_TOKENS - index)) for index in range(count)]  # different lengths
+    return prompts, images
+
+
+def peak_rss_child(count: int, steps: int, size: int) -> float:
+    """Peak resident MiB of a fresh process that loads the mid-size model and runs `count` edits as one call."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(count),
+               "--batch-steps", str(steps), "--batch-px", str(size)]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def rss_child(count: int, steps: int, size: int) -> None:
+    pipe = mid_size_pipeline()
+    prompts, images = batch_inputs(count, size)
+    with torch.inference_mode():
+        pipe(prompt=prompts, image=images, num_inference_steps=steps, g2tr_ratio=BATCH_RATIO, output_type="latent",
+             show_progress=False)  # fmt: skip
+    print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def batched_throughput_table(count: int, steps: int, size: int, repeats: int) -> None:
+    pipe = mid_size_pipeline()
+    prompts, images = batch_inputs(count, size)
+    call = dict(num_inference_steps=steps, g2tr_ratio=BATCH_RATIO, output_type="latent", show_progress=False)
+    seconds = {"sequential": [], "batched": []}
+    results = {}
+    # Both ways alternate inside every round so that a slow spell of a shared machine hits both alike; the first
+    # round warms up.
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            sequential = [
+                pipe(prompt=prompt, image=image, generator=torch.Generator().manual_seed(index), **call).images[0]
+                for index, (prompt, image) in enumerate(zip(prompts, images))
+            ]
+        seconds["sequential"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            generators = [torch.Generator().manual_seed(index) for index in range(count)]
+            batched = pipe(prompt=prompts, image=images, generator=generators, **call).images
+        seconds["batched"].append(time.perf_counter() - start)
+        results = dict(sequential=sequential, batched=batched)
+    difference = max(float((a - b).abs().max()) for a, b in zip(results["sequential"], results["batched"]))
+    sequential_s, batched_s = (statistics.median(seconds[key][1:]) for key in ("sequential", "batched"))
+    grid = results["batched"][0].shape[0]
+    print(f"## C. Measured on CPU ({torch.get_num_threads()} threads): mid-size random BAGEL (LLM 12 x 1024), {count} "
+          f"edits of different {size}x{size} images ({grid} latent tokens each, ratio {BATCH_RATIO}),"
+          f" {steps} schedule points ({steps - 1} steps, 3 CFG branches each), whole calls, median of {repeats}")
+    print()
+    print(f"| | {count} sequential calls | one call, batch of {count} | speed-up |")
+    print("|---|---|---|---|")
+    print(f"| wall time (s) | {sequential_s:.2f} | {batched_s:.2f} | {sequential_s / batched_s:.2f}x |")
+    print(f"| images per second | {count / sequential_s:.3f} | {count / batched_s:.3f} | |")
+    print(f"| decoder rows per denoising pass | 3 | {3 * count} | |")
+    print()
+    print(f"Largest difference between a batched image's final latent and its sequential twin: {difference:.2e}.")
+    single_peak = peak_rss_child(1, steps, size)
+    batch_peak = peak_rss_child(count, steps, size)
+    print(f"Peak resident memory of a fresh process (ru_maxrss, fp32): one edit {single_peak:.0f} MiB, batch of "
+          f"{count} {batch_peak:.0f} MiB: {(batch_peak - single_peak) / (count - 1):.0f} MiB per extra image.")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--skip-measured", action="store_true")
+    parser.add_argument("--batch", type=int, default=None, help="also compare N edits batched vs sequential")
+    parser.add_argument("--batch-steps", type=int, default=4, help="schedule points of the batch comparison (4)")
+    parser.add_argument(
+        "--batch-px", type=int, default=512, help="image side in the batch comparison (512, the VAE's minimum side)"
+    )
+    parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rss_child:
+        rss_child(args.rss_child, args.batch_steps, args.batch_px)
+        return
+    if args.batch:
+        if args.batch < 2:
+            parser.error("--batch must be at least 2")
+        batch_memory_table()
+        if not args.skip_measured:
+            batched_throughput_table(args.batch, args.batch_steps, args.batch_px, args.repeats)
+        return
     analytic_table()
     if not args.skip_measured:
         measured_table(args.repeats)

@@ -33,6 +33,8 @@ REMOTE_CODE_FILES = (
     "configuration_g2tr.py",
     "in_llm.py",
     "modeling_bagel.py",
+    "pipeline_bagel.py",
+    "pipeline_utils.py",
     "processing_bagel.py",
     "reduction.py",
 )

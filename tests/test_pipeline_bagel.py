@@ -232,17 +232,22 @@ def test_denoising_loop_is_euler_on_the_schedule(pipe, monkeypatch):
     assert [float(args[1]) for args, _ in forward.calls] == schedule[:-1].tolist()
     latents = noise_draws[0]
     for (args, _), t, t_next in zip(forward.calls, schedule[:-1], schedule[1:]):
-        torch.testing.assert_close(args[0], latents)  # the step started from the previous Euler update
-        latents = latents - forward.method(*args) * (t - t_next)
-    torch.testing.assert_close(decode.calls[0][0][0], latents)
+        torch.testing.assert_close(args[0][0], latents)  # the step started from the previous Euler update
+        latents = latents - forward.method(*args)[0] * (t - t_next)
+    torch.testing.assert_close(decode.calls[0][0][0][0], latents)
+
+
+def branch_rows(recorder: Recorder) -> list[int]:
+    """Per recorded `flow_velocities` call (one per denoising step), how many branch rows it ran."""
+    return [args[0].shape[0] for args, _ in recorder.calls]
 
 
 def test_forty_one_of_forty_nine_steps_are_guided_in_text_to_image(pipe, monkeypatch):
-    velocity = Recorder(pipe.model.flow_velocity)
-    monkeypatch.setattr(pipe.model, "flow_velocity", velocity)
+    velocity = Recorder(pipe.model.flow_velocities)
+    monkeypatch.setattr(pipe.model, "flow_velocities", velocity)
     pipe(prompt="a red car", num_inference_steps=50, height=16, width=16)
-    unguided = 49
-    assert len(velocity.calls) == unguided + 41  # conditional every step, the text-free branch on 41 steps
+    rows = branch_rows(velocity)
+    assert len(rows) == 49 and sum(rows) == 49 + 41  # conditional every step, the text-free branch on 41 steps
 
 
 V = torch.tensor([[3.0, 0.0], [0.0, 4.0]])  # |v| = 5; per token 3 and 4
@@ -298,19 +303,21 @@ def test_guidance_off_returns_the_conditional_velocity():
     [(4.0, 2.0, 3), (4.0, 1.0, 2), (1.0, 2.0, 1), (0.5, 0.0, 1), (1.5, 1.5, 3)],
 )
 def test_scales_at_most_one_skip_their_branches(pipe, image, monkeypatch, text_scale, image_scale, branches):
-    velocity = Recorder(pipe.model.flow_velocity)
-    monkeypatch.setattr(pipe.model, "flow_velocity", velocity)
+    velocity = Recorder(pipe.model.flow_velocities)
+    monkeypatch.setattr(pipe.model, "flow_velocities", velocity)
     edit(pipe, image, cfg_text_scale=text_scale, cfg_img_scale=image_scale, g2tr_ratio=RATIO)
-    assert len(velocity.calls) == branches * (STEPS - 1)
-    caches = {id(args[1]) for args, _ in velocity.calls}
-    assert len(caches) == (2 if branches == 3 else 1)  # the image-free context is the only other cache
+    assert branch_rows(velocity) == [branches] * (STEPS - 1)  # all branches of a step in one pass
+    windows = velocity.calls[0][0][3]  # [branches, P] the entries each branch sees
+    assert bool(windows[0].any()) and all(bool((windows[0] >= window).all()) for window in windows[1:2])
+    if branches == 3:  # the image-free context is stored after the conditional one, disjoint from it
+        assert not bool((windows[2] & windows[0]).any())
 
 
 def test_cfg_interval_gates_the_guidance(pipe, image, monkeypatch):
-    velocity = Recorder(pipe.model.flow_velocity)
-    monkeypatch.setattr(pipe.model, "flow_velocity", velocity)
+    velocity = Recorder(pipe.model.flow_velocities)
+    monkeypatch.setattr(pipe.model, "flow_velocities", velocity)
     edit(pipe, image, num_inference_steps=5, cfg_interval=(0.9, 1.0))  # shifted times 1, 0.9, 0.75, 0.5
-    assert len(velocity.calls) == 4 + 2 * 1  # only the t = 1 step is guided (3 branches)
+    assert branch_rows(velocity) == [3, 1, 1, 1]  # only the t = 1 step is guided (3 branches)
 
 
 def test_denoising_never_writes_a_cache(pipe, image, monkeypatch):
@@ -409,7 +416,7 @@ def test_output_sizes(pipe, image):
         ({"g2tr_ratio": 0.0}, "g2tr_ratio"),
         ({"generator": [seeded(), seeded()]}, "generator"),
         ({"height": 64}, "height"),  # an edit keeps its input's size
-        ({"output_type": "np"}, "output_type"),
+        ({"output_type": "jpeg"}, "output_type"),
         ({"think": "yes"}, "think"),
     ],
 )
@@ -526,9 +533,13 @@ CHILD = textwrap.dedent(
     result = pipe(prompt="make the sky red", image=PIL.Image.open(image_path), num_inference_steps=3,
                   generator=torch.Generator().manual_seed(0), g2tr_ratio=0.5, show_progress=False)
     np.save(output, np.asarray(result.images[0]))
+    # The batched path and the diffusers options come with the remote code too (pipeline_utils ships beside it).
+    images, thoughts = pipe(prompt=["a", "b"], num_images_per_prompt=2, num_inference_steps=2, height=16, width=32,
+                            output_type="np", return_dict=False, show_progress=False)
     assert "g2tr_hf" not in sys.modules
     print("RESULT " + json.dumps({"pipeline": type(pipe).__module__ + "." + type(pipe).__name__,
-                                  "model": type(pipe.model).__module__, "task": pipe.task}))
+                                  "model": type(pipe.model).__module__, "task": pipe.task,
+                                  "batched": [list(image.shape) for image in images]}))
     """
 )
 
@@ -546,6 +557,8 @@ def test_pipeline_loads_from_an_exported_folder_without_g2tr_hf(tiny, pipe, imag
     child = run_without_g2tr_hf(CHILD, folder, source, tmp_path / "out.npy", workdir=tmp_path)
     assert child["pipeline"].startswith("transformers_modules.") and child["pipeline"].endswith("G2TRBagelPipeline")
     assert child["model"].startswith("transformers_modules.") and child["task"] == pipeline_module.PIPELINE_TASK
+    assert child["batched"] == [[16, 32, 3]] * 4
+    assert (folder / "pipeline_utils.py").is_file()
 
     local = edit(pipe, PIL.Image.open(source), g2tr_ratio=RATIO).images[0]
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.asarray(local))

@@ -532,6 +532,8 @@ def _image_generation_settings(args: argparse.Namespace, pipe) -> dict:
     """The sampler options shared by `edit` and `generate` (None = the task's recommended value)."""
     steps = args.steps if args.steps is not None else _default_steps(pipe)
     if type(pipe).__name__ == "G2TRInternVLUPipeline":
+        if args.num_images_per_prompt != 1:
+            raise CLIError("`--num-images-per-prompt`: the InternVL-U pipeline makes one image per prompt")
         return dict(
             num_inference_steps=steps,
             cfg_text_scale=args.cfg_text_scale,
@@ -541,6 +543,7 @@ def _image_generation_settings(args: argparse.Namespace, pipe) -> dict:
         )
     return dict(
         num_inference_steps=steps,
+        num_images_per_prompt=args.num_images_per_prompt,
         cfg_text_scale=args.cfg_text_scale,
         cfg_img_scale=args.cfg_img_scale,
         cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
@@ -551,16 +554,31 @@ def _image_generation_settings(args: argparse.Namespace, pipe) -> dict:
     )
 
 
+def _output_paths(output: str, count: int) -> list[Path]:
+    """`-o out.png` for one image; `out-0.png`, `out-1.png`, ... for several (prompt by prompt)."""
+    destination = Path(output)
+    if count == 1:
+        return [destination]
+    return [destination.with_name(f"{destination.stem}-{index}{destination.suffix}") for index in range(count)]
+
+
+def _prompt_argument(prompts: list[str]):
+    """One prompt as a string (the single-request call), several as a list (one batched call)."""
+    return prompts[0] if len(prompts) == 1 else prompts
+
+
 def _save_generated(args: argparse.Namespace, output, source: str, what: str, seconds: float, steps: int) -> int:
-    destination = Path(args.output)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    image = output.images[0]
-    image.save(destination)
+    paths = _output_paths(args.output, len(output.images))
     print(f"{what} through {source}:")
-    if output.thoughts[0] is not None:
-        print(f"  plan (think mode):           {output.thoughts[0]!r}")
-    print(f"  {steps} denoising steps in {seconds:.2f} s; {image.width}x{image.height} image written to "
-          f"{destination}")
+    for index, (image, thought, destination) in enumerate(zip(output.images, output.thoughts, paths)):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        image.save(destination)
+        if thought is not None and index % args.num_images_per_prompt == 0:
+            print(f"  plan (think mode):           {thought!r}")
+    sizes = ", ".join(dict.fromkeys(f"{image.width}x{image.height}" for image in output.images))
+    written = paths[0] if len(paths) == 1 else f"{paths[0]} ... {paths[-1]}"
+    print(f"  {steps} denoising steps in {seconds:.2f} s; {len(paths)} image(s) ({sizes}) written to "
+          f"{written}")
     return 0
 
 
@@ -569,18 +587,26 @@ def _edit(args: argparse.Namespace) -> int:
 
     import torch
 
-    image = _read_image(args.image)
+    if len(args.image) not in (1, len(args.prompt)):
+        raise CLIError(
+            f"`--image`: give one input image for all prompts or one per prompt ({len(args.prompt)}), got "
+            f"{len(args.image)}."
+        )
+    images = [_read_image(path) for path in args.image]
+    if len(args.prompt) > 1:
+        images = images * len(args.prompt) if len(images) == 1 else images
     pipe, source = _image_pipeline(args, "edit")
     settings = _image_generation_settings(args, pipe)
     start = time.perf_counter()
     output = pipe(
-        prompt=args.prompt,
-        image=image,
+        prompt=_prompt_argument(args.prompt),
+        image=images[0] if len(args.prompt) == 1 else images,
         g2tr_ratio=args.ratio,
         generator=torch.Generator().manual_seed(args.seed),
         **settings,
     )
-    what = f"Edit of {args.image} (g2tr_ratio {args.ratio if args.ratio is not None else 'of the model'})"
+    inputs = ", ".join(args.image)
+    what = f"Edit of {inputs} (g2tr_ratio {args.ratio if args.ratio is not None else 'of the model'})"
     return _save_generated(args, output, source, what, time.perf_counter() - start, _evaluations(pipe, settings))
 
 
@@ -593,7 +619,7 @@ def _generate(args: argparse.Namespace) -> int:
     settings = _image_generation_settings(args, pipe)
     start = time.perf_counter()
     output = pipe(
-        prompt=args.prompt,
+        prompt=_prompt_argument(args.prompt),
         height=args.height,
         width=args.width,
         generator=torch.Generator().manual_seed(args.seed),
@@ -616,12 +642,17 @@ def _add_image_generation_options(parser: argparse.ArgumentParser, prompt: bool 
         "(owner/name), tiny-bagel (the default) or tiny-internvlu",
     )
     if prompt:
-        parser.add_argument("--prompt", required=True, help="the instruction")
+        parser.add_argument(
+            "--prompt", required=True, nargs="+", help="the instruction; several run as one batch (one image file each)"
+        )
+    parser.add_argument(
+        "--num-images-per-prompt", type=int, default=1, help="images per prompt (default 1; BAGEL); files -0, -1, ..."
+    )
     parser.add_argument(
         "--steps", type=int, default=None,
         help="BAGEL: points on the flow schedule (default 50: 49 steps); InternVL-U: solver steps (default 20)",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0; one generator)")
     parser.add_argument("--cfg-text-scale", type=float, default=None, help="text guidance (default: the preset)")
     parser.add_argument("--cfg-img-scale", type=float, default=None, help="image guidance (default: the preset)")
     parser.add_argument(
@@ -644,7 +675,9 @@ def _add_bagel_image_commands(commands: argparse._SubParsersAction) -> None:
     """`g2tr-hf edit --image IN --prompt ... -o OUT` and `g2tr-hf generate --prompt ... -o OUT` (BAGEL or
     InternVL-U)."""
     edit = commands.add_parser("edit", help="edit an image with BAGEL or InternVL-U (its ViT tokens reduced by G2TR)")
-    edit.add_argument("--image", required=True, help="the input image")
+    edit.add_argument(
+        "--image", required=True, nargs="+", help="the input image (one for all prompts, or one per prompt)"
+    )
     edit.add_argument("--ratio", type=float, default=0.5, help="G2TR keep ratio of the input's ViT tokens (0.5)")
     edit.add_argument("-o", "--output", default="g2tr_edit.png", help="where to write the PNG")
     _add_image_generation_options(edit)

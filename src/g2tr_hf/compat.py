@@ -107,7 +107,14 @@ def checkpoint_key(module_key: str, renames: tuple[tuple[str, str], ...]) -> str
 def execution_device(module: nn.Module) -> Any:
     """Where `module` computes, or None when accelerate has offloaded its weights (they sit on the meta device until
     its hook loads them, and that hook also moves the module's inputs). Inputs are moved to this device only when it
-    is known; reading `.weight.device` of an offloaded module would move them to the meta device instead."""
+    is known; reading `.weight.device` of an offloaded module would move them to the meta device instead.
+
+    Under model CPU offload (accelerate's `cpu_offload_with_hook`, a hook with a `prev_module_hook`) the weights wait
+    on the CPU and the hook moves the module, but not the inputs of methods other than `forward` (diffusers' VAE
+    `encode` / `decode`): the hook's execution device is where they must go."""
+    hook = getattr(module, "_hf_hook", None)
+    if hasattr(hook, "prev_module_hook") and getattr(hook, "execution_device", None) is not None:
+        return hook.execution_device
     for parameter in module.parameters():
         if parameter.device.type != "meta":
             return parameter.device

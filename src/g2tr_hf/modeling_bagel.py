@@ -786,17 +786,20 @@ class BagelCachePrefix:
     cache instead of copying it.
 
     Args:
-        past_key_values: a `DynamicCache` (its layers hold keys and values [B, H_kv, P, D]).
+        past_key_values: a `DynamicCache` (its layers hold keys and values [N, H_kv, P, D]).
         length: how many leading entries are visible; None = all of them.
+        rows: LongTensor [B], the cache row each query row reads (a batched denoising step reads several CFG
+            branches of one request from the same row); None = the cache's rows as they are.
     """
 
-    def __init__(self, past_key_values: Cache, length: int | None = None) -> None:
+    def __init__(self, past_key_values: Cache, length: int | None = None, rows: torch.Tensor | None = None) -> None:
         total = stored_length(past_key_values)
         length = total if length is None else length
         if not 0 <= length <= total:
             raise ValueError(f"`context_length` must lie in [0, {total}] (the cache length), got {length}.")
         self.past_key_values = past_key_values
         self.length = length
+        self.rows = rows
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
@@ -805,8 +808,12 @@ class BagelCachePrefix:
         if self.length == 0:
             return key_states, value_states
         layer = self.past_key_values.layers[layer_idx]
-        keys = torch.cat([layer.keys[..., : self.length, :], key_states], dim=-2)
-        values = torch.cat([layer.values[..., : self.length, :], value_states], dim=-2)
+        keys, values = layer.keys[..., : self.length, :], layer.values[..., : self.length, :]
+        if self.rows is not None:
+            rows = self.rows.to(keys.device)
+            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+        keys = torch.cat([keys.to(key_states.device), key_states], dim=-2)
+        values = torch.cat([values.to(value_states.device), value_states], dim=-2)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -1749,13 +1756,15 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
 
     # --- image generation: context blocks, rectified-flow velocity, VAE decode -----------------------------------
     #
-    # The editing / text-to-image path of upstream's `InterleaveInferencer`, one request (batch 1)
-    # at a time, on a transformers `DynamicCache` that carries its BAGEL layout like the understanding path's caches:
+    # The editing / text-to-image path of upstream's `InterleaveInferencer`. Contexts are prefilled one request
+    # (batch 1) at a time, on a transformers `DynamicCache` that carries its BAGEL layout like the understanding path's caches:
     #   prefill_vae_image  the clean VAE block of an input image (t = 0, gen expert, never reduced)
     #   prefill_vit_image  its ViT block, reduced by G2TR with anchors from that same latent (no second encode)
     #   prefill_text       a `<|im_start|> ... <|im_end|>` segment (through `forward`)
     #   embed_latent_query + flow_velocity   one velocity evaluation of the noisy latent block against a context
-    #   decode_latent_tokens                 latent tokens -> pixels
+    #   embed_latent_queries + flow_velocities   the same for a batch: several latents (any grids, left-padded)
+    #                      and CFG branches in one pass, each reading its window of a row of a stacked context cache
+    #   decode_latent_tokens                 latent tokens -> pixels (a batch of one grid at once)
     # The sampler (schedule, CFG, Euler steps) lives in `pipeline_bagel.G2TRBagelPipeline`. Like upstream's, these
     # inference helpers run without autograd.
 
@@ -1924,6 +1933,37 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         return self._image_block(self.model.embed_latent_tokens(latent_tokens, timesteps, position_ids))
 
     @torch.no_grad()
+    def embed_latent_queries(
+        self,
+        latent_tokens: list[torch.Tensor],
+        timestep: torch.Tensor | float,
+        latent_grids: list[tuple[int, int]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`embed_latent_query` for several latents, possibly of different grids, left-padded into one batch.
+
+        Args:
+            latent_tokens: B tensors [h_i*w_i, p*p*C].
+            timestep: flow time t, shared by all of them.
+            latent_grids: B grids (h_i, w_i).
+        Returns:
+            embeddings [B, L, hidden_size] with L = max(h_i*w_i) + 2, each block right-aligned, and its mask
+            [B, L] bool (False for the left padding, whose embeddings are zeros).
+        """
+        if len(latent_tokens) != len(latent_grids) or not latent_tokens:
+            raise ValueError(
+                f"`latent_tokens` ({len(latent_tokens)}) and `latent_grids` ({len(latent_grids)}) must be non-empty "
+                "lists of the same length."
+            )
+        blocks = [
+            self.embed_latent_query(tokens, timestep, grid)[0] for tokens, grid in zip(latent_tokens, latent_grids)
+        ]
+        length = max(block.shape[0] for block in blocks)
+        embeds = torch.stack([F.pad(block, (0, 0, length - block.shape[0], 0)) for block in blocks])
+        lengths = torch.tensor([block.shape[0] for block in blocks], device=embeds.device)
+        query_mask = torch.arange(length, device=embeds.device)[None, :] >= (length - lengths)[:, None]
+        return embeds, query_mask
+
+    @torch.no_grad()
     def flow_velocity(
         self, query_embeds: torch.Tensor, past_key_values: Cache, context_length: int | None = None
     ) -> torch.Tensor:
@@ -1939,40 +1979,88 @@ class G2TRBagelForConditionalGeneration(G2TRGenerationMixin, G2TRBagelPreTrained
         Returns:
             [h*w, p*p*C] velocity, in the model's dtype.
         """
+        length = stored_length(past_key_values) if context_length is None else context_length
+        query_mask = torch.ones(1, query_embeds.shape[1], dtype=torch.bool, device=query_embeds.device)
+        context_mask = torch.ones(1, length, dtype=torch.bool, device=query_embeds.device)
+        return self.flow_velocities(query_embeds, query_mask, past_key_values, context_mask)[0, 1:-1]
+
+    @torch.no_grad()
+    def flow_velocities(
+        self,
+        query_embeds: torch.Tensor,
+        query_mask: torch.Tensor,
+        past_key_values: Cache,
+        context_mask: torch.Tensor,
+        context_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Several velocity evaluations in one decoder pass: B query blocks (e.g. every CFG branch of every image of
+        a batch), each against its own part of a stacked context cache. Query row b reads cache row
+        `context_rows[b]`, sees the entries of that row where `context_mask[b]` is True and the cache layout marks a
+        real token, and sits at the RoPE position after the last entry it sees. The cache is never written.
+
+        Args:
+            query_embeds: [B, L, D] left-padded query blocks (`embed_latent_queries`).
+            query_mask: [B, L] bool, False for the left padding.
+            past_key_values: the context cache, N rows, with its layout (stored length P).
+            context_mask: [B, P'] bool, P' <= P: the leading entries of its row each query may see (a CFG context
+                is a window of its request's row: the whole conditional context, its text-free prefix, or the
+                image-free context stored after it).
+            context_rows: LongTensor [B], defaults to `arange(B)` (then N must equal B).
+        Returns:
+            [B, L, p*p*C] velocities in the model's dtype; only the latent tokens of each block are meaningful
+            (`query_mask` minus the two markers of each block).
+        """
+        self._check_generation_ready()
+        batch, length = query_mask.shape
         device = query_embeds.device
-        context = BagelCachePrefix(past_key_values, context_length)
-        layout = cached_layout(past_key_values, 1, device).cropped(context.length)
-        length = query_embeds.shape[1]
-        position_ids = layout.next_position.to(device)[:, None].expand(1, length)
+        visible = context_mask.shape[1]
+        num_rows = past_key_values.layers[0].keys.shape[0] if stored_length(past_key_values) > 0 else batch
+        layout = cached_layout(past_key_values, num_rows, device).cropped(visible)
+        if context_rows is not None:
+            layout = layout.select_rows(context_rows)
+        elif layout.attention_mask.shape[0] != batch:
+            raise ValueError(
+                f"The context cache holds {layout.attention_mask.shape[0]} rows but {batch} queries were given "
+                "without `context_rows`."
+            )
+        key_mask = layout.attention_mask.to(device) & context_mask.to(device)
+        if visible:
+            start = layout.position_ids.to(device).masked_fill(~key_mask, -1).amax(-1) + 1
+        else:
+            start = torch.zeros(batch, dtype=torch.long, device=device)
+        position_ids = start[:, None].expand(batch, length).masked_fill(~query_mask, 0)
         attention_mask = None
-        if not bool(layout.attention_mask.all()):
-            new_keys = torch.ones(1, length, dtype=torch.bool, device=device)
-            if _uses_flex_attention(self.language_model.config):
-                # The query is one bidirectional block after the context.
-                block_ids = new_keys.long()
-                attention_mask = block_causal_block_mask(layout.attention_mask.to(device), new_keys, block_ids)
-            else:
-                visible = torch.cat([layout.attention_mask.to(device), new_keys], dim=-1)
-                attention_mask = visible[:, None, None, :].expand(1, 1, length, -1)
+        if not (bool(key_mask.all()) and bool(query_mask.all())):
+            # One bidirectional block per row (block id 1); padded queries see only themselves. Under
+            # flex_attention the same mask as a BlockMask.
+            attention_mask = decoder_attention_mask(
+                self.language_model.config, key_mask, query_mask, query_mask.long()
+            )
+        # The markers of each block (its first and last real token) run through the understanding expert.
+        first = length - query_mask.sum(-1)
+        columns = torch.arange(length, device=device)[None, :]
+        gen_token_mask = query_mask & (columns != first[:, None]) & (columns != length - 1)
         hidden_states = self.language_model(
             inputs_embeds=query_embeds,
             position_ids=position_ids,
             attention_mask=attention_mask,
-            past_key_values=context,
-            gen_token_mask=self._latent_token_mask(length, device),
+            past_key_values=BagelCachePrefix(past_key_values, visible, rows=context_rows),
+            gen_token_mask=gen_token_mask,
         ).last_hidden_state
-        return self.model.llm2vae(hidden_states[0, 1:-1].to(dtype=compute_dtype(self.model.llm2vae)))
+        return self.model.llm2vae(hidden_states.to(dtype=compute_dtype(self.model.llm2vae)))
 
     @torch.no_grad()
     def decode_latent_tokens(self, latent_tokens: torch.Tensor, latent_grid: tuple[int, int]) -> torch.Tensor:
-        """Latent tokens [h*w, p*p*C] -> pixels [1, 3, 16h, 16w] in about [-1, 1]: unpatchify, undo the VAE scaling
-        (`z / scaling_factor + shift_factor`) and run `vae.decode`."""
+        """Latent tokens [h*w, p*p*C] (or a batch [B, h*w, p*p*C] of one grid) -> pixels [1 or B, 3, 16h, 16w] in
+        about [-1, 1]: unpatchify, undo the VAE scaling (`z / scaling_factor + shift_factor`) and run `vae.decode`."""
         self._check_generation_ready()
         vae_config = self.config.vae_config
         scale, shift = vae_config.get("scaling_factor", 1.0), vae_config.get("shift_factor", 0.0) or 0.0
-        latents = unpatchify_latents(latent_tokens, latent_grid, self.config.latent_patch_size)
+        rows = latent_tokens[None] if latent_tokens.dim() == 2 else latent_tokens
+        patch_size = self.config.latent_patch_size
+        latents = torch.stack([unpatchify_latents(row, latent_grid, patch_size) for row in rows])
         latents = latents / scale + shift
-        return self.vae.decode(latents[None].to(device=execution_device(self.vae), dtype=self.vae.dtype)).sample
+        return self.vae.decode(latents.to(device=execution_device(self.vae), dtype=self.vae.dtype)).sample
 
 
 def _check_text_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:

@@ -1,7 +1,7 @@
 """`G2TRBagelPipeline`: image editing and text-to-image with BAGEL-7B-MoT and G2TR token reduction.
 
 The algorithm is the official inferencer's (ByteDance-Seed/Bagel `inferencer.py` and `Bagel.generate_image`; with
-G2TR as in the official G2TR code's editing mode, see `docs/models.md`), one request at a time:
+G2TR as in the official G2TR code's editing mode, see `docs/models.md`), for each request (batches: below):
 
 1. Context. Every input image enters the conditional context twice: first as a clean VAE block (t = 0, generation
    expert, never reduced, h*w + 2 tokens at one RoPE position), then as its ViT block, which G2TR reduces to K + 2
@@ -26,15 +26,29 @@ Loading from a Hub folder (its `config.json` lists this class under `custom_pipe
     pipe = pipeline(model="REPO", trust_remote_code=True)
     image = pipe(prompt="make the sky pink", image=Image.open("in.png"), g2tr_ratio=0.5).images[0]
 
+Batches (upstream is batch 1). Several prompts, each with its own input images (any number and size, or none), and
+`num_images_per_prompt` images per prompt run through ONE denoising loop: every step is one decoder pass over all
+images and all their CFG branches. The contexts are prefilled prompt by prompt (their layouts differ in the number,
+size and order of blocks, and the prefill is about 1% of an edit's work), then stacked into one cache with a row per
+prompt: [conditional context | image-free context], each part right-padded, and every branch of every image reads
+its window of its prompt's row (the text-free context is the conditional one's prefix). Images of different output
+sizes are padded: the query blocks are left-padded to the longest and the padding is masked out (a padded query sees
+only itself, no query sees padding), so one pass serves every size; the VAE decodes images of one size together.
+Each image equals its single run up to floating-point reordering (tested at fp32 to 1e-5).
+
 Deviations from upstream, all deliberate: the posterior mean for context images (above); the image-CFG branch is not
 evaluated at steps where text CFG is off (upstream computes it and throws it away); the guidance arithmetic and the
-Euler update run in fp32 (upstream: bf16 under autocast); several prompts run one after another (upstream is batch 1).
+Euler update run in fp32 (upstream: bf16 under autocast).
+
+The diffusers options (`num_images_per_prompt`, `latents`, `callback_on_step_end`, `output_type`, `return_dict`,
+`enable_model_cpu_offload`) follow `pipeline_utils`, shared with the other G2TR pipelines.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -46,8 +60,18 @@ from transformers import DynamicCache, Pipeline
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from .generation_g2tr import stored_length
+from .generation_g2tr import CacheLayout, as_compact_cache, stored_length
 from .image_utils import load_image_source
+from .pipeline_utils import (
+    ModelCpuOffloadMixin,
+    check_callback,
+    check_latents,
+    check_num_images_per_prompt,
+    check_output_type,
+    check_return_dict,
+    convert_images,
+    expand_generators,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -77,7 +101,6 @@ GEN_THINK_SYSTEM_PROMPT = (
 )
 
 CFG_RENORM_TYPES = ("global", "channel", "text_channel")
-OUTPUT_TYPES = ("pil", "pt")
 
 
 @dataclass(frozen=True)
@@ -188,12 +211,17 @@ class G2TRBagelPipelineOutput:
     """Output of [`G2TRBagelPipeline`].
 
     Attributes:
-        images: one per prompt: PIL images (`output_type="pil"`) or float tensors [3, H, W] in [0, 1] (`"pt"`).
-        thoughts: per prompt, the plan written in think mode (None without think mode).
+        images: one per generated image, prompt by prompt (`num_images_per_prompt` each): PIL images
+            (`output_type="pil"`), float arrays [H, W, 3] in [0, 1] (`"np"`), float tensors [3, H, W] in [0, 1]
+            (`"pt"`), or the final latent tokens [h*w, p*p*C] (`"latent"`, the format `latents=` takes).
+        thoughts: per image, the plan its prompt wrote in think mode (None without think mode).
     """
 
-    images: list[PIL.Image.Image] | list[torch.Tensor]
+    images: list[Any]
     thoughts: list[str | None]
+
+    def to_tuple(self) -> tuple[list[Any], list[str | None]]:
+        return self.images, self.thoughts
 
 
 @dataclass
@@ -207,11 +235,27 @@ class _Request:
 
 @dataclass
 class _Contexts:
-    """The sampler's three KV contexts, each `(cache, visible length)` (None = the whole cache)."""
+    """One prompt's three KV contexts, each `(cache, visible length)` (None = the whole cache)."""
 
     conditional: tuple[DynamicCache, int | None]
     no_text: tuple[DynamicCache, int]
     no_image: tuple[DynamicCache, int | None]
+
+
+@dataclass
+class _StackedContexts:
+    """The contexts of every prompt in one cache, a row per prompt: [conditional | image-free], each part
+    right-padded; the padding is marked in the cache layout. Each CFG branch is a window of its prompt's row.
+
+    Attributes:
+        cache: the stacked `DynamicCache` [N, H_kv, P_cond + P_free, D] per layer, compact, with its layout.
+        conditional, no_text, no_image: [N, P_cond + P_free] bool, the entries each branch of prompt n may see.
+    """
+
+    cache: DynamicCache
+    conditional: torch.Tensor
+    no_text: torch.Tensor
+    no_image: torch.Tensor
 
 
 def _is_number(value: object) -> bool:
@@ -224,14 +268,63 @@ def _is_image(value: object) -> bool:
     return isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim in (2, 3)
 
 
-class G2TRBagelPipeline(Pipeline):
+def stack_contexts(contexts: list[_Contexts], text_config) -> _StackedContexts:
+    """Copy every prompt's conditional and image-free caches (batch 1 each) into one cache with a row per prompt.
+
+    Row n holds [conditional_n, padding | image-free_n, padding]: the conditional parts are right-padded to the
+    longest one, P_cond, and the image-free parts start at column P_cond. Positions and real-entry marks come from the
+    caches' layouts, so each window keeps its own RoPE positions."""
+    conditional = [context.conditional[0] for context in contexts]
+    image_free = [context.no_image[0] for context in contexts]
+    cond_lengths = [stored_length(cache) for cache in conditional]
+    free_lengths = [stored_length(cache) for cache in image_free]
+    cond_width, free_width = max(cond_lengths), max(free_lengths)
+    width = cond_width + free_width
+    stacked = DynamicCache(config=text_config)
+    for layer_idx, layer in enumerate(conditional[0].layers):
+        keys = layer.keys.new_zeros(len(contexts), layer.keys.shape[1], width, layer.keys.shape[3])
+        values = layer.values.new_zeros(len(contexts), layer.values.shape[1], width, layer.values.shape[3])
+        for row, (cond, free) in enumerate(zip(conditional, image_free)):
+            for part, offset in ((cond, 0), (free, cond_width)):
+                stored = part.layers[layer_idx]
+                keys[row, :, offset : offset + stored.keys.shape[2]] = stored.keys[0].to(keys.device)
+                values[row, :, offset : offset + stored.values.shape[2]] = stored.values[0].to(values.device)
+        stacked.update(keys, values, layer_idx)
+    device = conditional[0].layout.attention_mask.device
+    real = torch.zeros(len(contexts), width, dtype=torch.bool, device=device)
+    positions = torch.zeros(len(contexts), width, dtype=torch.long, device=device)
+    for row, (cond, free) in enumerate(zip(conditional, image_free)):
+        for part, offset, length in ((cond, 0, cond_lengths[row]), (free, cond_width, free_lengths[row])):
+            layout = part.layout.cropped(length)
+            real[row, offset : offset + length] = layout.attention_mask[0].to(device)
+            positions[row, offset : offset + length] = layout.position_ids[0].to(device)
+    as_compact_cache(stacked)
+    stacked.layout = CacheLayout(real, positions)
+    columns = torch.arange(width, device=device)[None, :]
+
+    def window(starts: list[int], stops: list[int]) -> torch.Tensor:
+        starts_t, stops_t = torch.tensor(starts, device=device), torch.tensor(stops, device=device)
+        return (columns >= starts_t[:, None]) & (columns < stops_t[:, None])
+
+    no_text_lengths = [context.no_text[1] for context in contexts]
+    return _StackedContexts(
+        cache=stacked,
+        conditional=window([0] * len(contexts), cond_lengths),
+        no_text=window([0] * len(contexts), no_text_lengths),
+        no_image=window([cond_width] * len(contexts), [cond_width + length for length in free_lengths]),
+    )
+
+
+class G2TRBagelPipeline(ModelCpuOffloadMixin, Pipeline):
     r"""
     Image editing and text-to-image with BAGEL-7B-MoT (`G2TRBagelForConditionalGeneration`), the input images' ViT
     tokens reduced by G2TR (see the module docstring for the algorithm).
 
     Build it from a model and its processor, `G2TRBagelPipeline(model=model, processor=processor)`, or from an
     exported Hub folder with `transformers.pipeline(model=folder, trust_remote_code=True)`. Like every transformers
-    pipeline it places the model on `device` (default: the first GPU when there is one).
+    pipeline it places the model on `device` (default: the first GPU when there is one);
+    `enable_model_cpu_offload()` keeps it on the CPU instead and moves the ViT, the language model and the VAE to
+    the accelerator only while each is needed.
 
     Example:
 
@@ -250,10 +343,17 @@ class G2TRBagelPipeline(Pipeline):
     _load_feature_extractor = False
     _load_video_processor = False
 
+    # Model CPU offload (`pipeline_utils.ModelCpuOffloadMixin`): the three large parts are chained as in diffusers;
+    # the word embeddings (called on their own, for image markers and text) and the LM head load when used.
+    model_cpu_offload_seq = "model.vit_model->model.language_model->model.vae"
+    _offload_on_use = ("model.language_model.embed_tokens", "lm_head")
+    _callback_tensor_inputs = ["latents"]
+
     def __init__(self, model, processor=None, **kwargs) -> None:
         if processor is None:
             raise ValueError("`processor` is required: the model's G2TRBagelProcessor (tokenizer + image processor).")
         self._progress_bar_config: dict[str, Any] = {}
+        self._interrupt = False
         device_map = getattr(model, "hf_device_map", None)
         if device_map and next(iter(device_map.values())) == "disk":
             # transformers' Pipeline takes the first device of an accelerate map as its own, and cannot work on
@@ -261,6 +361,12 @@ class G2TRBagelPipeline(Pipeline):
             computing = [key for key, device in device_map.items() if device != "disk"]
             model.hf_device_map = {key: device_map[key] for key in [*computing, *device_map]}
         super().__init__(model=model, processor=processor, **kwargs)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (e.g. from `callback_on_step_end`) to stop denoising after the current step;
+        the images are decoded from the latents reached so far (diffusers' convention)."""
+        return self._interrupt
 
     # --- the algorithm --------------------------------------------------------------------------------------------
 
@@ -284,18 +390,25 @@ class G2TRBagelPipeline(Pipeline):
         max_think_tokens: int = 1000,
         show_progress: bool = True,
         output_type: str = "pil",
-    ) -> G2TRBagelPipelineOutput:
+        num_images_per_prompt: int = 1,
+        latents: torch.Tensor | list[torch.Tensor] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        return_dict: bool = True,
+    ) -> G2TRBagelPipelineOutput | tuple:
         r"""
         Edit images or generate them from text.
 
         Args:
-            prompt (`str` or `list[str]`): the instruction; a list runs several requests, one after another.
-            image (PIL image, numpy array, tensor, or a list, *optional*): the input image(s) of an edit; None for
-                text-to-image. With one prompt, a list holds that request's input images (they enter the context in
-                order). With a list of prompts, a list with one entry per prompt (None, an image or a list of images).
+            prompt (`str` or `list[str]`): the instruction; a list runs several requests in one batch.
+            image (PIL image, numpy array, tensor, path, or a list, *optional*): the input image(s) of an edit; None
+                for text-to-image. With one prompt, a list holds that request's input images (they enter the context
+                in order). With a list of prompts, a list with one entry per prompt (None, an image or a list of
+                images); prompts may mix editing and text-to-image, and input images may differ in size.
             num_inference_steps (`int`, defaults to 50): points on the flow schedule (upstream `num_timesteps`); the
                 sampler runs `num_inference_steps - 1` model evaluations. At least 2.
-            generator (`torch.Generator` or a list, one per prompt, *optional*): seeds the initial noise.
+            generator (`torch.Generator` or a list, *optional*): seeds the initial noise: one generator for all
+                images (drawn from in turn), or a list with one per image or one per prompt.
             g2tr_ratio (`float`, *optional*): keep ratio of the input images' ViT tokens in (0, 1]; defaults to
                 `model.config.g2tr_ratio`. 1.0 leaves them unreduced.
             cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min (*optional*): guidance;
@@ -303,61 +416,97 @@ class G2TRBagelPipeline(Pipeline):
                 "text_channel" / 0.0, text-to-image 4.0 / 1.0 / (0.4, 1.0) / "global" / 0.0. A scale <= 1 skips its
                 branch.
             timestep_shift (`float`, defaults to 3.0): the schedule's shift s.
-            height, width (`int`, *optional*): text-to-image output size, multiples of 16; defaults to the largest
-                square `latent_pos_embed` covers (1024 x 1024 for BAGEL-7B-MoT). An edit keeps the VAE-resized size of
-                its (last) input image.
+            height, width (`int`, *optional*): output size of the text-to-image prompts, multiples of 16; defaults
+                to the largest square `latent_pos_embed` covers (1024 x 1024 for BAGEL-7B-MoT). An edit keeps the
+                VAE-resized size of its (last) input image.
             think (`bool`, defaults to False): upstream's think mode: a planning system prompt, then a plan the model
                 writes (greedy decoding) before the image.
             max_think_tokens (`int`, defaults to 1000): length cap of the plan, counted as upstream (the
                 `<|im_start|>` seed included).
             show_progress (`bool`, defaults to True): progress bars over the denoising steps (and the planning tokens
                 in think mode).
-            output_type (`str`, defaults to "pil"): "pil" or "pt" (float tensors [3, H, W] in [0, 1]).
+            output_type (`str`, defaults to "pil"): "pil", "np" (float [H, W, 3] in [0, 1]), "pt" (float tensors
+                [3, H, W] in [0, 1]) or "latent" (the final latent tokens [h*w, p*p*C], not decoded).
+            num_images_per_prompt (`int`, defaults to 1): images per prompt; they share the prompt's contexts.
+            latents (`torch.Tensor` or a list, *optional*): the initial noise instead of drawing it: one tensor
+                [h*w, p*p*C] per image (h, w: the output's latent grid, 1/16 of its pixels; p*p*C = 64 for BAGEL),
+                as a list, stacked [num_images, h*w, p*p*C] when all share a size, or alone for a single image.
+            callback_on_step_end (`Callable`, *optional*): `fn(pipe, step, timestep, callback_kwargs) -> dict`, called
+                after each denoising step with the tensors named in `callback_on_step_end_tensor_inputs`; a "latents"
+                entry in the returned dict replaces the latents (a list as in `latents=`). Setting
+                `pipe._interrupt = True` stops the loop.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to ["latents"]): names from
+                `_callback_tensor_inputs`.
+            return_dict (`bool`, defaults to True): False returns the tuple `(images, thoughts)`.
         Returns:
-            [`G2TRBagelPipelineOutput`] with `.images` (one per prompt) and `.thoughts`.
+            [`G2TRBagelPipelineOutput`] with `.images` (one per image, prompt by prompt) and `.thoughts`, or a tuple.
         """
         # 1. Check the inputs; every request gets its task's recommended guidance unless it is overridden.
         requests, generators = self.check_inputs(
             prompt, image, num_inference_steps, generator, g2tr_ratio, cfg_text_scale, cfg_img_scale, cfg_interval,
             cfg_renorm_type, cfg_renorm_min, timestep_shift, height, width, think, max_think_tokens, output_type,
+            num_images_per_prompt=num_images_per_prompt, return_dict=return_dict,
         )  # fmt: skip
+        callback, callback_inputs = check_callback(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        )
+        self._interrupt = False
         # 2. The shifted schedule: N points from t = 1 (noise) to t = 0 (data), N - 1 Euler steps.
         timesteps = flow_timesteps(num_inference_steps, timestep_shift)
         step_sizes = timesteps[:-1] - timesteps[1:]
+        # 3. Model inputs, and the output's latent grid of every image (prompt by prompt, `num_images_per_prompt`
+        #    each); user latents must match those grids.
+        model_inputs = [self.preprocess(request) for request in requests]
+        prompt_of_image = [index for index in range(len(requests)) for _ in range(num_images_per_prompt)]
+        latent_grids = [self.output_latent_grid(model_inputs[index], height, width) for index in prompt_of_image]
+        user_latents = check_latents(latents, [self.latent_shape(grid) for grid in latent_grids])
 
-        images, thoughts = [], []
-        for request, request_generator in zip(requests, generators):
-            # 3. The context: each input image as a clean VAE block, then its G2TR-reduced ViT block built from the
-            #    same latent; then the instruction. Also the two CFG contexts (without the text, without the images).
-            model_inputs = self.preprocess(request)
-            contexts = self.encode_context(model_inputs, g2tr_ratio, think)
-            # 4. Think mode: the model writes a plan, which joins the conditional context only.
-            thought = self.think(contexts, max_think_tokens, show_progress) if think else None
-            # 5. The initial noise on the output's latent grid.
-            latent_grid = self.output_latent_grid(model_inputs, height, width)
-            latents = self.prepare_latents(latent_grid, request_generator)
-            # 6. The denoising loop: a guided velocity per step, Euler update x <- x - v dt.
+        try:
+            # 4. The contexts of each prompt: each input image as a clean VAE block, then its G2TR-reduced ViT block
+            #    built from the same latent; then the instruction; the two CFG contexts (without the text, without
+            #    the images). Think mode: the model writes a plan, which joins the conditional context only. Then
+            #    all prompts' contexts go into one stacked cache.
+            contexts, thoughts = [], []
+            for inputs in model_inputs:
+                contexts.append(self.encode_context(inputs, g2tr_ratio, think))
+                thoughts.append(self.think(contexts[-1], max_think_tokens, show_progress) if think else None)
+            stacked = stack_contexts(contexts, self.model.config.get_text_config())
+            del contexts
+            # 5. The initial noise on every image's latent grid.
+            if user_latents is None:
+                latents = [self.prepare_latents(grid, gen) for grid, gen in zip(latent_grids, generators)]
+            else:
+                latents = [tensor.to(device=self.device, dtype=torch.float32) for tensor in user_latents]
+            guidance = [requests[index].guidance for index in prompt_of_image]
+            # 6. The denoising loop: one pass for every image and CFG branch per step, Euler update x <- x - v dt.
             with self.progress_bar(total=len(step_sizes), disable=not show_progress) as progress:
-                for t, dt in zip(timesteps[:-1], step_sizes):
-                    velocity = self._forward(latents, t, latent_grid, contexts, request.guidance)
-                    latents = latents - velocity * dt
+                for step, (t, dt) in enumerate(zip(timesteps[:-1], step_sizes)):
+                    velocities = self._forward(latents, t, latent_grids, stacked, guidance, prompt_of_image)
+                    latents = [x - v * dt for x, v in zip(latents, velocities)]
+                    if callback is not None:
+                        latents = self._run_callback(callback, callback_inputs, step, t, latents, latent_grids)
                     progress.update()
-            # 7. Decode the latent to pixels.
-            images.append(self.postprocess(latents, latent_grid, output_type))
-            thoughts.append(thought)
-        return G2TRBagelPipelineOutput(images=images, thoughts=thoughts)
+                    if self.interrupt:
+                        break
+            # 7. Decode the latents to pixels.
+            images = latents if output_type == "latent" else self.postprocess(latents, latent_grids, output_type)
+        finally:
+            self.maybe_free_model_hooks()
+        output = G2TRBagelPipelineOutput(images=images, thoughts=[thoughts[index] for index in prompt_of_image])
+        return output if return_dict else output.to_tuple()
 
     # --- steps ----------------------------------------------------------------------------------------------------
 
     def preprocess(self, request: _Request) -> dict[str, Any]:
         """One request -> model inputs: per input image the processor's tensors (VAE image, ViT patches, ids, grid;
-        the official VAE-then-ViT resizes), and the instruction's ids `<|im_start|> prompt <|im_end|>` [1, L]."""
+        the official VAE-then-ViT resizes) on the pipeline's device, and the instruction's ids
+        `<|im_start|> prompt <|im_end|>` [1, L]."""
         images = []
         for index, image in enumerate(request.images):
             features = self.processor.image_processor(images=[image], return_tensors="pt")
             if features["image_grid_hw"].shape[0] != 1:
                 raise ValueError(f"`image`: entry {index} holds several images; pass one image per entry.")
-            images.append(dict(features))
+            images.append({key: value.to(self.device) for key, value in features.items()})
         return {"images": images, "input_ids": self._text_segment(request.prompt)}
 
     @torch.no_grad()
@@ -427,57 +576,100 @@ class G2TRBagelPipeline(Pipeline):
         default = min(1024, self.model.config.max_latent_size * stride)
         return (height or default) // stride, (width or default) // stride
 
+    def latent_shape(self, latent_grid: tuple[int, int]) -> tuple[int, int]:
+        """(h*w, p*p*C): the shape of one image's latent tokens (`latents=`, `output_type="latent"`)."""
+        config = self.model.config
+        return latent_grid[0] * latent_grid[1], config.latent_patch_size**2 * config.vae_config["latent_channels"]
+
     def prepare_latents(self, latent_grid: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
         """Initial noise x_1 ~ N(0, 1): [h*w, p*p*C] float32, drawn on the generator's device (CPU by default, as
         upstream's `torch.randn`) and moved to the model."""
-        config = self.model.config
-        shape = (latent_grid[0] * latent_grid[1], config.latent_patch_size**2 * config.vae_config["latent_channels"])
         device = generator.device if generator is not None else torch.device("cpu")
-        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        noise = torch.randn(self.latent_shape(latent_grid), generator=generator, device=device, dtype=torch.float32)
         return noise.to(self.device)
 
     def _forward(
         self,
-        latents: torch.Tensor,
+        latents: list[torch.Tensor],
         timestep: torch.Tensor,
-        latent_grid: tuple[int, int],
-        contexts: _Contexts,
-        guidance: GuidanceSettings,
-    ) -> torch.Tensor:
-        """The model work of one denoising step: the guided velocity [h*w, p*p*C] (fp32) at time `timestep`.
+        latent_grids: list[tuple[int, int]],
+        contexts: _StackedContexts,
+        guidance: list[GuidanceSettings],
+        prompt_of_image: list[int],
+    ) -> list[torch.Tensor]:
+        """The model work of one denoising step for every image: the guided velocities [h*w, p*p*C] (fp32).
 
-        One query block serves every branch: the conditional one always, the text-free one while guidance is on
-        (lo < t <= hi) and `cfg_text_scale` > 1, the image-free one when `cfg_img_scale` > 1 as well."""
-        query = self.model.embed_latent_query(latents, timestep, latent_grid)
-        low, high = guidance.interval
-        guidance_on = bool(timestep > low) and bool(timestep <= high)
-        text_scale = guidance.text_scale if guidance_on else 1.0
-        image_scale = guidance.image_scale if guidance_on else 1.0
-        velocity = self.model.flow_velocity(query, *contexts.conditional).float()
-        if text_scale <= 1.0:
-            return velocity
-        velocity_no_text = self.model.flow_velocity(query, *contexts.no_text).float()
-        velocity_no_image = None
-        if image_scale > 1.0:
-            velocity_no_image = self.model.flow_velocity(query, *contexts.no_image).float()
-        return classifier_free_guidance(
-            velocity,
-            velocity_no_text,
-            velocity_no_image,
-            text_scale=text_scale,
-            image_scale=image_scale,
-            renorm_type=guidance.renorm_type,
-            renorm_min=guidance.renorm_min,
+        Image i always runs its conditional branch, its text-free branch while its guidance is on (lo < t <= hi) and
+        its `cfg_text_scale` > 1, and its image-free one when its `cfg_img_scale` > 1 as well. All those branches go
+        through the decoder as one batch: each is image i's query block (shared by its branches) against its window
+        of its prompt's row of the stacked cache."""
+        branch_images, branch_windows, scales = [], [], []
+        for image_index, settings in enumerate(guidance):
+            low, high = settings.interval
+            guidance_on = bool(timestep > low) and bool(timestep <= high)
+            text_scale = settings.text_scale if guidance_on else 1.0
+            image_scale = settings.image_scale if guidance_on else 1.0
+            windows = [contexts.conditional]
+            if text_scale > 1.0:
+                windows.append(contexts.no_text)
+                if image_scale > 1.0:
+                    windows.append(contexts.no_image)
+            prompt_index = prompt_of_image[image_index]
+            branch_images += [image_index] * len(windows)
+            branch_windows += [window[prompt_index] for window in windows]
+            scales.append((text_scale, image_scale))
+        queries, query_mask = self.model.embed_latent_queries(latents, timestep, latent_grids)
+        branch_rows = torch.tensor(branch_images, device=queries.device)
+        context_rows = torch.tensor([prompt_of_image[index] for index in branch_images], device=queries.device)
+        output = self.model.flow_velocities(
+            queries.index_select(0, branch_rows),
+            query_mask.index_select(0, branch_rows),
+            contexts.cache,
+            torch.stack(branch_windows),
+            context_rows=context_rows,
         )
+        length = output.shape[1]
+        velocities, row = [], 0
+        for image_index, settings in enumerate(guidance):
+            text_scale, image_scale = scales[image_index]
+            num_branches = 1 + (text_scale > 1.0) + (text_scale > 1.0 and image_scale > 1.0)
+            # The latent tokens of a left-padded block are its last h*w + 1 entries but the end marker.
+            tokens = latents[image_index].shape[0]
+            branches = [output[row + b, length - 1 - tokens : length - 1].float() for b in range(num_branches)]
+            branches += [None] * (3 - num_branches)
+            row += num_branches
+            velocities.append(
+                classifier_free_guidance(
+                    *branches,
+                    text_scale=text_scale,
+                    image_scale=image_scale,
+                    renorm_type=settings.renorm_type,
+                    renorm_min=settings.renorm_min,
+                )
+            )
+        return velocities
 
-    def postprocess(self, latents: torch.Tensor, latent_grid: tuple[int, int], output_type: str):
-        """VAE decode, then upstream's `(x * 0.5 + 0.5).clamp(0, 1) * 255` truncated to uint8 (a PIL image), or the
-        [0, 1] float tensor [3, H, W] for `output_type="pt"`."""
-        pixels = self.model.decode_latent_tokens(latents, latent_grid)[0].float()
-        pixels = (pixels * 0.5 + 0.5).clamp(0, 1).cpu()
-        if output_type == "pt":
-            return pixels
-        return PIL.Image.fromarray((pixels * 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    def _run_callback(self, callback, names, step, timestep, latents, latent_grids) -> list[torch.Tensor]:
+        """diffusers' `callback_on_step_end`: the named tensors go in; returned "latents" replace the latents."""
+        available = {"latents": latents}
+        returned = callback(self, step, timestep, {name: available[name] for name in names})
+        if returned is None or "latents" not in returned:
+            return latents
+        replaced = check_latents(
+            returned["latents"], [self.latent_shape(grid) for grid in latent_grids], name="callback_on_step_end"
+        )
+        return [tensor.to(device=self.device, dtype=torch.float32) for tensor in replaced]
+
+    def postprocess(self, latents: list[torch.Tensor], latent_grids: list[tuple[int, int]], output_type: str):
+        """VAE decode (images of one size together), then upstream's `(x * 0.5 + 0.5).clamp(0, 1)`, converted to
+        `output_type` (PIL: `* 255` truncated to uint8, as upstream)."""
+        pixels: list[torch.Tensor | None] = [None] * len(latents)
+        for grid in dict.fromkeys(latent_grids):
+            members = [index for index, other in enumerate(latent_grids) if other == grid]
+            decoded = self.model.decode_latent_tokens(torch.stack([latents[index] for index in members]), grid)
+            for index, image in zip(members, decoded.float()):
+                pixels[index] = (image * 0.5 + 0.5).clamp(0, 1).cpu()
+        return convert_images(pixels, output_type)
 
     # --- inputs ---------------------------------------------------------------------------------------------------
 
@@ -499,8 +691,14 @@ class G2TRBagelPipeline(Pipeline):
         think,
         max_think_tokens,
         output_type,
+        num_images_per_prompt: int = 1,
+        return_dict: bool = True,
     ) -> tuple[list[_Request], list[torch.Generator | None]]:
-        """Validate every argument (a `ValueError` names the one at fault) and split the call into requests."""
+        """Validate every argument (a `ValueError` names the one at fault) and split the call into requests.
+
+        Returns:
+            the requests (one per prompt) and one generator (or None) per image, prompt by prompt.
+        """
         if isinstance(prompt, str):
             prompts, row_images = [prompt], [image]
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
@@ -524,7 +722,8 @@ class G2TRBagelPipeline(Pipeline):
                 "`num_inference_steps` must be an integer >= 2 (points on the flow schedule, upstream's num_timesteps; "
                 f"N points give N - 1 denoising steps), got {num_inference_steps!r}."
             )
-        generators = self._check_generators(generator, len(prompts))
+        num_images_per_prompt = check_num_images_per_prompt(num_images_per_prompt)
+        generators = expand_generators(generator, len(prompts), num_images_per_prompt)
         if g2tr_ratio is not None and not (_is_number(g2tr_ratio) and 0.0 < g2tr_ratio <= 1.0):
             raise ValueError(f"`g2tr_ratio` must be a number in (0, 1] (1.0 = no reduction), got {g2tr_ratio!r}.")
         for name, value in (("cfg_text_scale", cfg_text_scale), ("cfg_img_scale", cfg_img_scale)):
@@ -546,9 +745,9 @@ class G2TRBagelPipeline(Pipeline):
             raise ValueError(f"`think` must be a bool, got {think!r}.")
         if not isinstance(max_think_tokens, int) or isinstance(max_think_tokens, bool) or max_think_tokens < 1:
             raise ValueError(f"`max_think_tokens` must be an integer >= 1, got {max_think_tokens!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
-        self._check_size(height, width, any(images_per_row))
+        check_output_type(output_type)
+        check_return_dict(return_dict)
+        self._check_size(height, width, all(images_per_row))
 
         requests = []
         for text, images in zip(prompts, images_per_row):
@@ -583,28 +782,15 @@ class G2TRBagelPipeline(Pipeline):
                 )
         return images
 
-    @staticmethod
-    def _check_generators(generator: Any, num_requests: int) -> list[torch.Generator | None]:
-        if generator is None or isinstance(generator, torch.Generator):
-            return [generator] * num_requests
-        if (
-            isinstance(generator, (list, tuple))
-            and len(generator) == num_requests
-            and all(isinstance(g, torch.Generator) for g in generator)
-        ):
-            return list(generator)
-        raise ValueError(
-            f"`generator` must be None, a torch.Generator or a list of {num_requests} (one per prompt), got "
-            f"{type(generator).__name__}."
-        )
-
-    def _check_size(self, height: Any, width: Any, has_edit: bool) -> None:
+    def _check_size(self, height: Any, width: Any, only_edits: bool) -> None:
+        """`height` / `width` size the text-to-image prompts of a call (edits keep their input's size), so they are
+        refused when every prompt is an edit."""
         stride = self.model.latent_downsample
         largest = self.model.config.max_latent_size * stride
         for name, value in (("height", height), ("width", width)):
             if value is None:
                 continue
-            if has_edit:
+            if only_edits:
                 raise ValueError(
                     f"`{name}` applies to text-to-image only: an edit keeps the VAE-resized size of its input image."
                 )

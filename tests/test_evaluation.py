@@ -152,7 +152,9 @@ def test_plan_runs_and_the_lmms_eval_config():
         "accelerate", "launch", "--num_processes", "8", "-m"
     ]  # fmt: skip
     with pytest.raises(ValueError, match="`methods` must be among"):
-        plan_runs([0.5], ["fastv"])
+        plan_runs([0.5], ["not-a-method"])
+    # Every registered method is a valid model arg, the in-LLM baselines included.
+    assert [spec.name for spec in plan_runs([0.5], ["fastv", "divprune"])] == ["fastv_r0p5", "divprune_r0p5"]
     with pytest.raises(ValueError, match="`ratios` must lie in"):
         plan_runs([1.5], ["g2tr"])
     assert RunSpec(1.0, "topk").is_vanilla

@@ -377,7 +377,9 @@ def _edit_once(pipe, sample: BenchSample, config: _Config, steps: int, seed: int
 
     def recording(*args, **kwargs):
         velocity = forward(*args, **kwargs)
-        velocities.append(velocity.detach().float().cpu())
+        # The pipeline returns one velocity per image of the batch; a bench edit is a batch of one.
+        first = velocity[0] if isinstance(velocity, (list, tuple)) else velocity
+        velocities.append(first.detach().float().cpu())
         return velocity
 
     pipe._forward = recording

@@ -60,6 +60,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .generation_g2tr import compaction_index
 from .reduction import SelectionInputs, keep_count, register_method
 
 
@@ -555,7 +556,7 @@ class InLLMDropper:
                 kept = block_cols.index_select(0, _top(self.scores[row].index_select(0, block_cols), budget))
             stay[row, kept] = True
         # The caller's left padding stays (as the pre-LLM compaction keeps it: logits and compacted labels must line
-        # up); only the padding a previous stage added goes, `_compaction_index` pads the rows again.
+        # up); only the padding a previous stage added goes, `compaction_index` pads the rows again.
         return stay & self.filled
 
     def _ivc_select(
@@ -588,7 +589,7 @@ class InLLMDropper:
 
     def _drop(self, hidden: torch.Tensor, cos_sin, original_mask: torch.Tensor | None) -> None:
         stay = self._select(self.schedule.keep[self.stage])
-        local_index, local_filled = _compaction_index(stay)
+        local_index, local_filled = compaction_index(stay)
         self.index = self.index.gather(1, local_index)
         self.filled = self.filled.gather(1, local_index) & local_filled
         self.layouts.append((self.index, self.filled))
@@ -649,23 +650,6 @@ class InLLMDropper:
                 tensor = getattr(layer, name)
                 new = tensor.gather(2, index.expand(-1, tensor.shape[1], -1, tensor.shape[-1]))
                 setattr(layer, name, torch.cat([tensor[:, :, :past], new], dim=2))
-
-
-def _compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather index [B, L'] that keeps the True slots of `keep` [B, L] in order, right-aligned (rows left-padded
-    again), and filled [B, L'] (False on the new padding); L' is the longest row. The models' own pre-LLM compaction
-    follows the same rule."""
-    batch, length = keep.shape
-    lengths = keep.sum(-1)
-    new_length = int(lengths.max())
-    destination = keep.long().cumsum(-1) - 1 + (new_length - lengths)[:, None]
-    rows = torch.arange(batch, device=keep.device)[:, None].expand(batch, length)
-    source = torch.arange(length, device=keep.device)[None, :].expand(batch, length)
-    index = torch.zeros(batch, new_length, dtype=torch.long, device=keep.device)
-    filled = torch.zeros(batch, new_length, dtype=torch.bool, device=keep.device)
-    index[rows[keep], destination[keep]] = source[keep]
-    filled[rows[keep], destination[keep]] = True
-    return index, filled
 
 
 def _scatter_flags(index: torch.Tensor, filled: torch.Tensor, length: int) -> torch.Tensor:

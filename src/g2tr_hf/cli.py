@@ -840,8 +840,8 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     edit = commands.add_parser(
         "eval-edit",
         help="edit every sample of an edit set and write the outputs in GEdit-Bench's or ImgEdit's layout",
-        description="Runs the BAGEL or InternVL-U editing pipeline over an edit set (.jsonl of key/image/instruction, or "
-        "ImgEdit's JSON) and writes the images where the benchmark's scorer reads them. Scoring is yours.",
+        description="Runs the BAGEL or InternVL-U editing pipeline over an edit set (.jsonl of key/image/instruction, "
+        "or ImgEdit's JSON) and writes the images where the benchmark's scorer reads them. Scoring is yours.",
     )
     edit.add_argument("--edit-set", required=True, help=".jsonl (key, image, instruction[, task_type, "
                       "instruction_language]) or ImgEdit's .json")  # fmt: skip

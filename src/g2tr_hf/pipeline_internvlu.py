@@ -1,7 +1,7 @@
 """`G2TRInternVLUPipeline`: image editing and text-to-image with InternVL-U and G2TR token reduction.
 
 The algorithm is the official InternVL-U pipeline's (`InternVLUPipeline`, generation modes "image" and
-"text_image"), one request at a time:
+"text_image"); each prompt's VLM side runs on its own, then every image's denoising steps in lock-step:
 
 1. Three prompts per request (the CFG rows): *conditional* (the instruction, with the input images), *image-only*
    (the input images and "Generate an image based on reference images.", or the blank message for text-to-image) and
@@ -18,6 +18,9 @@ The algorithm is the official InternVL-U pipeline's (`InternVLUPipeline`, genera
    v = v_u + s_img (v_img - v_u) + s_text (v_c - v_img), the two differences renormalised per latent pixel while
    t > 930. The kept ViT tokens keep their own 2-D positions of the full grid (see `modeling_internvlu_gen`).
 5. VAE decode, uint8 as upstream, LANCZOS resize to the requested size when it was floored to 16.
+
+The diffusers options (`num_images_per_prompt`, `latents`, `callback_on_step_end`, `output_type`, `return_dict`,
+`enable_model_cpu_offload`) follow `pipeline_utils`, with `G2TRBagelPipeline`'s semantics.
 
 `g2tr_mode="official"` reproduces the official G2TR editing code for comparisons: the reduced ViT run gets the
 1-D fallback positions (shifting every later text token) and the conditional row's kept tokens absorb the dropped

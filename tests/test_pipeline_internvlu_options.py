@@ -104,6 +104,16 @@ def test_several_prompts_with_several_images_equal_their_single_runs(pipe, image
             torch.testing.assert_close(batch.images[2 * prompt_index + image_index], single[image_index], **EXACT)
 
 
+def test_cot_mode_writes_once_per_prompt_for_all_its_images(pipe, image, monkeypatch):
+    thinks = []
+    original = pipe.think
+    monkeypatch.setattr(pipe, "think", lambda *a, **k: thinks.append(1) or original(*a, **k))
+    out = run(pipe, image=image, generator=seeded(), think=True, max_think_tokens=3, num_images_per_prompt=2,
+              output_type="latent")  # fmt: skip
+    assert len(thinks) == 1 and len(out.thoughts) == 2 and out.thoughts[0] is not None
+    assert out.thoughts[0] == out.thoughts[1] and not torch.allclose(out.images[0], out.images[1])
+
+
 # --- latents= -----------------------------------------------------------------------------------------------------
 
 

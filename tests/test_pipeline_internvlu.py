@@ -306,7 +306,7 @@ def test_bad_inputs_are_clear(pipe, image):
     with pytest.raises(ValueError, match="2 `<image>` placeholders but 1"):
         pipe(prompt="<image> <image>", image=image)
     with pytest.raises(ValueError, match="`output_type`"):
-        pipe(prompt="x", output_type="np")
+        pipe(prompt="x", output_type="jpeg")
     with pytest.raises(ValueError, match="settings per call"):
         G2TRInternVLUPipeline(pipe.model, pipe.processor, generation_decoder=pipe.generation_decoder,
                               scheduler=pipe.scheduler, device="cpu", steps=3)  # fmt: skip

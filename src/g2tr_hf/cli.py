@@ -532,10 +532,9 @@ def _image_generation_settings(args: argparse.Namespace, pipe) -> dict:
     """The sampler options shared by `edit` and `generate` (None = the task's recommended value)."""
     steps = args.steps if args.steps is not None else _default_steps(pipe)
     if type(pipe).__name__ == "G2TRInternVLUPipeline":
-        if args.num_images_per_prompt != 1:
-            raise CLIError("`--num-images-per-prompt`: the InternVL-U pipeline makes one image per prompt")
         return dict(
             num_inference_steps=steps,
+            num_images_per_prompt=args.num_images_per_prompt,
             cfg_text_scale=args.cfg_text_scale,
             cfg_img_scale=args.cfg_img_scale,
             timestep_shift=args.timestep_shift,

@@ -1,7 +1,7 @@
 """`G2TRInternVLUPipeline`: image editing and text-to-image with InternVL-U and G2TR token reduction.
 
 The algorithm is the official InternVL-U pipeline's (`InternVLUPipeline`, generation modes "image" and
-"text_image"), one request at a time:
+"text_image"); each prompt's VLM side runs on its own, then every image's denoising steps in lock-step:
 
 1. Three prompts per request (the CFG rows): *conditional* (the instruction, with the input images), *image-only*
    (the input images and "Generate an image based on reference images.", or the blank message for text-to-image) and
@@ -18,6 +18,9 @@ The algorithm is the official InternVL-U pipeline's (`InternVLUPipeline`, genera
    v = v_u + s_img (v_img - v_u) + s_text (v_c - v_img), the two differences renormalised per latent pixel while
    t > 930. The kept ViT tokens keep their own 2-D positions of the full grid (see `modeling_internvlu_gen`).
 5. VAE decode, uint8 as upstream, LANCZOS resize to the requested size when it was floored to 16.
+
+The diffusers options (`num_images_per_prompt`, `latents`, `callback_on_step_end`, `output_type`, `return_dict`,
+`enable_model_cpu_offload`) follow `pipeline_utils`, with `G2TRBagelPipeline`'s semantics.
 
 `g2tr_mode="official"` reproduces the official G2TR editing code for comparisons: the reduced ViT run gets the
 1-D fallback positions (shifting every later text token) and the conditional row's kept tokens absorb the dropped
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -51,6 +55,16 @@ from .compat import CACHE_KWARG
 from .generation_g2tr import compaction_index
 from .image_utils import load_image_source
 from .modeling_internvlu_gen import G2TRInternVLUGenerationDecoder, MMDiTConditioning
+from .pipeline_utils import (
+    ModelCpuOffloadMixin,
+    check_callback,
+    check_latents,
+    check_num_images_per_prompt,
+    check_output_type,
+    check_return_dict,
+    convert_images,
+    expand_generators,
+)
 from .processing_internvlu import IMAGE_PLACEHOLDER, normalize_question, to_rgb_image
 from .reduction import ReductionResult, build_latent_anchors, interpolate_channels, reduce_tokens, reduces_anything
 
@@ -79,7 +93,6 @@ __all__ = [
 
 PIPELINE_TASK = "g2tr-internvlu-image-generation"
 G2TR_MODES = ("clean", "official")
-OUTPUT_TYPES = ("pil", "pt")
 
 # The sampler of InternVL-U's `scheduler/scheduler_config.json` (used when a folder has none).
 DEFAULT_SCHEDULER_CONFIG = {
@@ -256,14 +269,20 @@ class G2TRInternVLUPipelineOutput:
     """Output of [`G2TRInternVLUPipeline`].
 
     Attributes:
-        images: one per prompt: PIL images (`output_type="pil"`) or float tensors [3, H, W] in [0, 1] (`"pt"`).
-        thoughts: per prompt, the text written in CoT mode (`think=True`), else None.
-        image_reductions: per prompt, the G2TR plan of each input image (None when nothing was reduced).
+        images: one per generated image, prompt by prompt (`num_images_per_prompt` each): PIL images
+            (`output_type="pil"`), float arrays [H, W, 3] in [0, 1] (`"np"`), float tensors [3, H, W] in [0, 1]
+            (`"pt"`), or the final latents [C, h, w] (`"latent"`, not decoded: the format `latents=` takes).
+        thoughts: per image, the text its prompt wrote in CoT mode (`think=True`), else None.
+        image_reductions: per image, its prompt's G2TR plan of each input image (None when nothing was reduced).
     """
 
-    images: list[PIL.Image.Image] | list[torch.Tensor]
+    images: list[Any]
     thoughts: list[str | None]
     image_reductions: list[list[ReductionResult] | None] = dataclasses.field(default_factory=list)
+
+    def to_tuple(self) -> tuple[list[Any], list[str | None]]:
+        """`(images, thoughts)`, what `return_dict=False` returns (as `G2TRBagelPipeline`)."""
+        return self.images, self.thoughts
 
 
 @dataclass
@@ -281,7 +300,7 @@ class _VLMContext:
     thought: str | None
 
 
-class G2TRInternVLUPipeline(Pipeline):
+class G2TRInternVLUPipeline(ModelCpuOffloadMixin, Pipeline):
     r"""
     Image editing and text-to-image with InternVL-U (`G2TRInternVLUForConditionalGeneration` + its generation decoder),
     the input images' ViT tokens reduced by G2TR (see the module docstring for the algorithm).
@@ -308,6 +327,14 @@ class G2TRInternVLUPipeline(Pipeline):
     _load_feature_extractor = False
     _load_video_processor = False
 
+    # Model CPU offload (`pipeline_utils.ModelCpuOffloadMixin`): the ViT, the LLM, the MMDiT (a pipeline component,
+    # not part of `self.model`) and the VAE are chained in the order they run; the word embeddings (called on their
+    # own) and the LM head (CoT mode) load when used. `mlp1` and the special-token table stay on the device.
+    model_cpu_offload_seq = "model.vision_model->model.language_model->generation_decoder->model.vae"
+    _offload_on_use = ("model.language_model.embed_tokens", "lm_head")
+    _offload_pipeline_components = ("generation_decoder",)
+    _callback_tensor_inputs = ["latents"]
+
     def __init__(self, model, processor=None, generation_decoder=None, scheduler=None, **kwargs) -> None:
         if processor is None:
             raise ValueError(
@@ -320,6 +347,7 @@ class G2TRInternVLUPipeline(Pipeline):
                 "The model has no VAE (`config.vae_config` is None): image generation needs it to encode and decode."
             )
         self._progress_bar_config: dict[str, Any] = {}
+        self._interrupt = False
         super().__init__(model=model, processor=processor, **kwargs)
         source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         if generation_decoder is None:
@@ -345,6 +373,12 @@ class G2TRInternVLUPipeline(Pipeline):
                 logger.warning("No `scheduler/` in %s: using InternVL-U's DPM-Solver++ settings.", source)
         return DPMSolverMultistepScheduler(**DEFAULT_SCHEDULER_CONFIG)
 
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (e.g. from `callback_on_step_end`) to stop denoising after the current step;
+        the images are decoded from the latents reached so far (diffusers' convention)."""
+        return self._interrupt
+
     # --- the algorithm --------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -366,17 +400,24 @@ class G2TRInternVLUPipeline(Pipeline):
         g2tr_mode: str = "clean",
         show_progress: bool = True,
         output_type: str = "pil",
-    ) -> G2TRInternVLUPipelineOutput:
+        num_images_per_prompt: int = 1,
+        latents: torch.Tensor | list[torch.Tensor] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        return_dict: bool = True,
+    ) -> G2TRInternVLUPipelineOutput | tuple:
         r"""
         Edit images or generate them from text.
 
         Args:
-            prompt (`str` or `list[str]`): the instruction; a list runs several requests, one after another.
+            prompt (`str` or `list[str]`): the instruction; a list runs several requests (their VLM passes one after
+                another, then every image's denoising steps in lock-step, one MMDiT call per image and step).
             image (PIL image, numpy array, tensor, path/URL, or a list, *optional*): the input image(s) of an edit;
                 None for text-to-image. With one prompt, a list holds that request's images; with a list of prompts,
                 one entry per prompt (None, an image or a list of images).
             num_inference_steps (`int`, defaults to 20): DPM-Solver++ steps (one MMDiT evaluation of the 3 rows each).
-            generator (`torch.Generator` or a list, one per prompt, *optional*): seeds the initial noise.
+            generator (`torch.Generator` or a list, *optional*): seeds the initial noise: one generator for all
+                images (drawn from in turn, prompt by prompt), or a list with one per image or one per prompt.
             g2tr_ratio (`float`, *optional*): keep ratio of the input images' ViT tokens in (0, 1]; defaults to
                 `model.config.g2tr_ratio`. 1.0 leaves them unreduced.
             cfg_text_scale (`float`, *optional*): guidance of the instruction (official `all_cfg_scale`): 4.5, or 3.5
@@ -395,40 +436,88 @@ class G2TRInternVLUPipeline(Pipeline):
                 image shared by the conditional and image-only rows) or "official" (the official G2TR code's 1-D
                 fallback positions and cross-row merge), see the module docstring.
             show_progress (`bool`, defaults to True): a progress bar over the denoising steps.
-            output_type (`str`, defaults to "pil"): "pil" or "pt" (float tensors [3, H, W] in [0, 1]).
+            output_type (`str`, defaults to "pil"): "pil", "np" (float [H, W, 3] in [0, 1]), "pt" (float tensors
+                [3, H, W] in [0, 1]) or "latent" (the final latents [C, h, w] on the generated grid, not decoded).
+            num_images_per_prompt (`int`, defaults to 1): images per prompt; they share the prompt's VLM pass and
+                MMDiT conditioning.
+            latents (`torch.Tensor` or a list, *optional*): the initial noise instead of drawing it: one tensor
+                [C, h, w] per image (C = `generation_decoder.config.latent_channels`, h, w = the generated size / 8),
+                as a list, stacked [num_images, C, h, w] when all share a size, or alone for a single image.
+            callback_on_step_end (`Callable`, *optional*): `fn(pipe, step, timestep, callback_kwargs) -> dict`, called
+                after each denoising step (every image has taken it) with the tensors named in
+                `callback_on_step_end_tensor_inputs`; a "latents" entry in the returned dict replaces the latents (the
+                forms of `latents=`). Setting `pipe._interrupt = True` stops the loop.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to ["latents"]): names from
+                `_callback_tensor_inputs`.
+            return_dict (`bool`, defaults to True): False returns the tuple `(images, thoughts)`.
         Returns:
-            [`G2TRInternVLUPipelineOutput`] with `.images` (one per prompt), `.thoughts` and `.image_reductions`.
+            [`G2TRInternVLUPipelineOutput`] with `.images` (one per image, prompt by prompt), `.thoughts` and
+            `.image_reductions`, or a tuple.
         """
         requests, generators = self.check_inputs(
             prompt, image, num_inference_steps, generator, g2tr_ratio, cfg_text_scale, cfg_img_scale,
             timestep_shift, timestep_trunc, height, width, think, max_think_tokens, g2tr_mode, output_type,
+            num_images_per_prompt=num_images_per_prompt, return_dict=return_dict,
         )  # fmt: skip
+        callback, callback_inputs = check_callback(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        )
+        self._interrupt = False
         default_text, default_image = COT_GUIDANCE if think else IMAGE_GUIDANCE
         text_scale = float(default_text if cfg_text_scale is None else cfg_text_scale)
         image_scale = float(default_image if cfg_img_scale is None else cfg_img_scale)
         ratio = self.model.config.resolve_g2tr_ratio(g2tr_ratio)
         position_mode = "kept_2d" if g2tr_mode == "clean" else "official_fallback"
+        prompt_of_image = [index for index in range(len(requests)) for _ in range(num_images_per_prompt)]
 
-        images, thoughts, reductions = [], [], []
-        for request, request_generator in zip(requests, generators):
-            # 1. Input images for the VAE (official resize) and ONE encode each: anchors and reference frames.
-            references = [self.encode_reference(item) for item in request.images]
-            requested, target = self.output_size(references, height, width)
-            self._check_reference_count(len(references), target)
-            # 2. The VLM pass over the three rows (G2TR-reduced ViT tokens), then the MMDiT conditioning.
-            context = self.encode_context(
-                request, references, target, ratio, g2tr_mode, position_mode, think, max_think_tokens, show_progress
-            )
-            # 3. The sampler.
-            latents = self.denoise(
-                context.conditioning, target, request_generator, num_inference_steps, timestep_shift, timestep_trunc,
-                text_scale, image_scale, show_progress,
+        # 1. The requested and generated sizes of every prompt; user latents must match each image's generated grid.
+        sizes = []
+        for request in requests:
+            reference_sizes = [self.reference_size(item) for item in request.images]
+            sizes.append(self.output_size(reference_sizes, height, width))
+            self._check_reference_count(len(reference_sizes), sizes[-1][1])
+        shapes = [self.latent_shape(sizes[index][1]) for index in prompt_of_image]
+        user_latents = check_latents(latents, shapes)
+
+        try:
+            contexts = []
+            for request, (_, target) in zip(requests, sizes):
+                # 2. Input images for the VAE (official resize) and ONE encode each: anchors and reference frames.
+                references = [self.encode_reference(item) for item in request.images]
+                # 3. The VLM pass over the three rows (G2TR-reduced ViT tokens), then the MMDiT conditioning, shared
+                #    by the prompt's `num_images_per_prompt` images.
+                contexts.append(
+                    self.encode_context(
+                        request, references, target, ratio, g2tr_mode, position_mode, think, max_think_tokens,
+                        show_progress,
+                    )  # fmt: skip
+                )
+            # 4. The initial noise of every image, then the sampler: every image takes each step before the next (one
+            #    MMDiT call over its 3 rows), so that a callback sees, and may replace, all images' latents at once.
+            if user_latents is None:
+                noise = [self.prepare_latents(shape, gen) for shape, gen in zip(shapes, generators)]
+            else:
+                noise = [tensor.to(device=self.device, dtype=torch.float32) for tensor in user_latents]
+            final = self.denoise(
+                [contexts[index].conditioning for index in prompt_of_image], noise, num_inference_steps,
+                timestep_shift, timestep_trunc, text_scale, image_scale, show_progress, callback, callback_inputs,
             )  # fmt: skip
-            # 4. Decode.
-            images.append(self.postprocess(latents, requested, output_type))
-            thoughts.append(context.thought)
-            reductions.append(context.reductions)
-        return G2TRInternVLUPipelineOutput(images=images, thoughts=thoughts, image_reductions=reductions)
+            # 5. Decode.
+            if output_type == "latent":
+                images = final
+            else:
+                images = [
+                    self.postprocess(latent[None], sizes[index][0], output_type)
+                    for latent, index in zip(final, prompt_of_image)
+                ]
+        finally:
+            self.maybe_free_model_hooks()
+        output = G2TRInternVLUPipelineOutput(
+            images=images,
+            thoughts=[contexts[index].thought for index in prompt_of_image],
+            image_reductions=[contexts[index].reductions for index in prompt_of_image],
+        )
+        return output if return_dict else output.to_tuple()
 
     # --- steps ----------------------------------------------------------------------------------------------------
 
@@ -436,15 +525,19 @@ class G2TRInternVLUPipeline(Pipeline):
     def _base(self):
         return self.model.model
 
-    def encode_reference(self, image: PIL.Image.Image) -> dict[str, Any]:
-        """One input image -> its ViT pixels [1, 3, S, S], its VAE-side size and its normalised latent [C, h, w]
-        (fp32), from ONE `encode_vae_latents` call."""
+    def reference_size(self, image: PIL.Image.Image) -> tuple[int, int]:
+        """The (H, W) an input image is resized to for the VAE (the official generation-side `smart_resize`)."""
         config = self.generation_decoder.config
         factor = config.vae_downsample_factor * config.patch_size
-        height, width = smart_resize(
+        return smart_resize(
             image.height, image.width, factor, config.reference_min_pixels, config.reference_max_pixels,
             config.reference_max_side,
         )  # fmt: skip
+
+    def encode_reference(self, image: PIL.Image.Image) -> dict[str, Any]:
+        """One input image -> its ViT pixels [1, 3, S, S], its VAE-side size and its normalised latent [C, h, w]
+        (fp32), from ONE `encode_vae_latents` call."""
+        height, width = self.reference_size(image)
         resized = image.resize((width, height), resample=PIL.Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0
         pixels = ((pixels - 0.5) / 0.5)[None].to(self.device)
@@ -453,12 +546,12 @@ class G2TRInternVLUPipeline(Pipeline):
         return {"size": (height, width), "latent": latent, "vit_pixels": vit_pixels.to(self.device)}
 
     def output_size(
-        self, references: list[dict[str, Any]], height: int | None, width: int | None
+        self, reference_sizes: list[tuple[int, int]], height: int | None, width: int | None
     ) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(requested (H, W), generated (H, W) = requested floored to 16)."""
+        """(requested (H, W), generated (H, W) = requested floored to 16), from the input images' VAE-side sizes."""
         config = self.generation_decoder.config
-        if references:
-            default_height, default_width = references[-1]["size"]
+        if reference_sizes:
+            default_height, default_width = reference_sizes[-1]
         else:
             default_height, default_width = config.gen_image_height, config.gen_image_width
         requested = (height or default_height, width or default_width)
@@ -725,52 +818,77 @@ class G2TRInternVLUPipeline(Pipeline):
         start = self.tokenizer.convert_tokens_to_ids("<img>")
         return self.tokenizer.decode(tokens), [tokens + [start], [start], [start]]
 
+    def latent_shape(self, target: tuple[int, int]) -> tuple[int, int, int]:
+        """(C, h, w): one image's latent on the generated grid `target` (H, W) (`latents=`, `output_type="latent"`)."""
+        config = self.generation_decoder.config
+        factor = config.vae_downsample_factor
+        return config.latent_channels, target[0] // factor, target[1] // factor
+
+    def prepare_latents(self, shape: tuple[int, int, int], generator: torch.Generator | None) -> torch.Tensor:
+        """Initial noise [C, h, w] (fp32) drawn as the official pipeline draws its [1, C, h, w] (`randn_tensor`)."""
+        return randn_tensor((1, *shape), generator=generator, device=self.device, dtype=torch.float32)[0]
+
     def denoise(
         self,
-        conditioning: MMDiTConditioning,
-        target: tuple[int, int],
-        generator: torch.Generator | None,
+        conditionings: list[MMDiTConditioning],
+        latents: list[torch.Tensor],
         num_inference_steps: int,
         timestep_shift: float,
         timestep_trunc: float,
         text_scale: float,
         image_scale: float,
         show_progress: bool,
-    ) -> torch.Tensor:
-        """DPM-Solver++ (a fresh scheduler with `flow_shift=timestep_shift`) from noise [1, C, h, w] (fp32)."""
-        config = self.generation_decoder.config
-        scheduler = DPMSolverMultistepScheduler.from_config(self.scheduler.config, flow_shift=timestep_shift)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        factor = config.vae_downsample_factor
-        shape = (1, config.latent_channels, target[0] // factor, target[1] // factor)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        with self.progress_bar(total=len(scheduler.timesteps), disable=not show_progress) as progress:
-            for timestep in scheduler.timesteps:
-                velocity = self.generation_decoder(
-                    latents.repeat(3, 1, 1, 1), timestep.expand(3), conditioning
-                ).float()
-                conditional, image_only, unconditional = velocity.chunk(3)
-                guided = guided_velocity(
-                    conditional, image_only, unconditional, text_scale, image_scale,
-                    renormalize=timestep_trunc > 0 and bool(timestep > timestep_trunc),
-                )  # fmt: skip
-                latents = scheduler.step(guided, timestep, latents, return_dict=False)[0]
+        callback: Callable | None = None,
+        callback_inputs: list[str] = (),
+    ) -> list[torch.Tensor]:
+        """DPM-Solver++ (a fresh scheduler per image with `flow_shift=timestep_shift`) from each image's noise
+        [C, h, w] (fp32), the images in lock-step: returns their final latents [C, h, w]."""
+        schedulers = []
+        for _ in latents:
+            scheduler = DPMSolverMultistepScheduler.from_config(self.scheduler.config, flow_shift=timestep_shift)
+            scheduler.set_timesteps(num_inference_steps, device=self.device)
+            schedulers.append(scheduler)
+        timesteps = schedulers[0].timesteps
+        shapes = [tuple(latent.shape) for latent in latents]
+        latents = [latent[None] for latent in latents]
+        with self.progress_bar(total=len(timesteps), disable=not show_progress) as progress:
+            for step, timestep in enumerate(timesteps):
+                renormalize = timestep_trunc > 0 and bool(timestep > timestep_trunc)
+                for index, (conditioning, scheduler) in enumerate(zip(conditionings, schedulers)):
+                    velocity = self.generation_decoder(
+                        latents[index].repeat(3, 1, 1, 1), timestep.expand(3), conditioning
+                    ).float()
+                    conditional, image_only, unconditional = velocity.chunk(3)
+                    guided = guided_velocity(
+                        conditional, image_only, unconditional, text_scale, image_scale, renormalize=renormalize
+                    )
+                    latents[index] = scheduler.step(guided, timestep, latents[index], return_dict=False)[0]
+                if callback is not None:
+                    available = {"latents": [latent[0] for latent in latents]}
+                    returned = callback(self, step, timestep, {name: available[name] for name in callback_inputs})
+                    if returned is not None and "latents" in returned:
+                        replaced = check_latents(returned["latents"], shapes, name="callback_on_step_end")
+                        latents = [latent.to(device=self.device, dtype=torch.float32)[None] for latent in replaced]
                 progress.update()
-        return latents
+                if self.interrupt:
+                    break
+        return [latent[0] for latent in latents]
 
     def postprocess(self, latents: torch.Tensor, requested: tuple[int, int], output_type: str):
-        """VAE decode, then the official uint8 mapping clamp((127.5 x + 128) / 255, 0, 1) * 255 (truncated) and a
-        LANCZOS resize to the requested (W, H) when it differs; or the [0, 1] float tensor for `"pt"`."""
+        """One image's latents [1, C, h, w]: VAE decode, then the official uint8 mapping
+        clamp((127.5 x + 128) / 255, 0, 1) * 255 (truncated) and a LANCZOS resize to the requested (H, W) when it
+        differs; or the [0, 1] float tensor [3, H, W] for `"pt"` (bicubic resize), or its array [H, W, 3] for
+        `"np"`."""
         vae = self.model.vae
         z = latents.to(device=self.device, dtype=vae.dtype)[:, :, None]
         mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
         pixels = vae.decode(z / inverse_std + mean, return_dict=False)[0][:, :, 0]
         pixels = ((127.5 * pixels[0].float() + 128.0) / 255).clamp(0, 1).cpu()
-        if output_type == "pt":
+        if output_type in ("pt", "np"):
             if tuple(pixels.shape[-2:]) != requested:
                 pixels = torch.nn.functional.interpolate(pixels[None], size=requested, mode="bicubic")[0].clamp(0, 1)
-            return pixels
+            return convert_images([pixels], output_type)[0]
         image = PIL.Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
         if image.size != (requested[1], requested[0]):
             image = image.resize((requested[1], requested[0]), PIL.Image.Resampling.LANCZOS)
@@ -781,8 +899,10 @@ class G2TRInternVLUPipeline(Pipeline):
     def check_inputs(
         self, prompt, image, num_inference_steps, generator, g2tr_ratio, cfg_text_scale, cfg_img_scale,
         timestep_shift, timestep_trunc, height, width, think, max_think_tokens, g2tr_mode, output_type,
+        num_images_per_prompt: int = 1, return_dict: bool = True,
     ) -> tuple[list[_Request], list[torch.Generator | None]]:  # fmt: skip
-        """Validate every argument (a `ValueError` names the one at fault) and split the call into requests."""
+        """Validate every argument (a `ValueError` names the one at fault) and split the call into requests.
+        Returns the requests and one generator (or None) per generated image, prompt by prompt."""
         if isinstance(prompt, str):
             prompts, row_images = [prompt], [image]
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
@@ -807,7 +927,8 @@ class G2TRInternVLUPipeline(Pipeline):
                 )
         if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        generators = self._check_generators(generator, len(prompts))
+        num_images_per_prompt = check_num_images_per_prompt(num_images_per_prompt)
+        generators = expand_generators(generator, len(prompts), num_images_per_prompt)
         if g2tr_ratio is not None and not (_is_number(g2tr_ratio) and 0.0 < g2tr_ratio <= 1.0):
             raise ValueError(f"`g2tr_ratio` must be a number in (0, 1] (1.0 = no reduction), got {g2tr_ratio!r}.")
         for name, value in (("cfg_text_scale", cfg_text_scale), ("cfg_img_scale", cfg_img_scale)):
@@ -829,8 +950,8 @@ class G2TRInternVLUPipeline(Pipeline):
             raise ValueError(f"`max_think_tokens` must be an integer >= 1, got {max_think_tokens!r}.")
         if g2tr_mode not in G2TR_MODES:
             raise ValueError(f"`g2tr_mode` must be one of {list(G2TR_MODES)}, got {g2tr_mode!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
+        check_output_type(output_type)
+        check_return_dict(return_dict)
         return [_Request(p, i) for p, i in zip(prompts, images_per_row)], generators
 
     @staticmethod
@@ -854,21 +975,6 @@ class G2TRInternVLUPipeline(Pipeline):
             return [to_rgb_image(item) for item in images]
         except ValueError as error:
             raise ValueError(str(error).replace("`images`", "`image`")) from error
-
-    @staticmethod
-    def _check_generators(generator: Any, num_requests: int) -> list[torch.Generator | None]:
-        if generator is None or isinstance(generator, torch.Generator):
-            return [generator] * num_requests
-        if (
-            isinstance(generator, (list, tuple))
-            and len(generator) == num_requests
-            and all(isinstance(g, torch.Generator) for g in generator)
-        ):
-            return list(generator)
-        raise ValueError(
-            f"`generator` must be None, a torch.Generator or a list of {num_requests} (one per prompt), got "
-            f"{type(generator).__name__}."
-        )
 
     # --- transformers.Pipeline plumbing ---------------------------------------------------------------------------
 

@@ -157,10 +157,26 @@ class ModelCpuOffloadMixin:
 
     Every other submodule (small heads, tables) stays on the execution device. After each call all components go
     back to the CPU (`maybe_free_model_hooks`).
+
+    A pipeline whose components are not all inside `self.model` (InternVL-U's generation decoder is its own model)
+    names those pipeline attributes in `_offload_pipeline_components`: a path whose first part is one of them is
+    read on the pipeline (`"generation_decoder"` is `self.generation_decoder`), every other path on `self.model`.
     """
 
     model_cpu_offload_seq: str = ""
     _offload_on_use: tuple[str, ...] = ()
+    _offload_pipeline_components: tuple[str, ...] = ()
+
+    def _offload_roots(self) -> list[tuple[str, torch.nn.Module]]:
+        """(path prefix, module) of `self.model` and of every pipeline component that offloading manages."""
+        return [("", self.model)] + [(name + ".", getattr(self, name)) for name in self._offload_pipeline_components]
+
+    def _offload_submodule(self, path: str) -> torch.nn.Module:
+        head, _, rest = path.partition(".")
+        if head in self._offload_pipeline_components:
+            component = getattr(self, head)
+            return component.get_submodule(rest) if rest else component
+        return self.model.get_submodule(path)
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
         """Keep the model on the CPU and move each large component to `device` only while it is needed.
@@ -196,11 +212,13 @@ class ModelCpuOffloadMixin:
 
         chained = [path for path in self.model_cpu_offload_seq.split("->") if path]
         offloaded = chained + list(self._offload_on_use)
-        self.model.to("cpu")
-        _place_outside(self.model, "", set(offloaded), device)
+        for prefix, root in self._offload_roots():
+            root.to("cpu")
+            if prefix[:-1] not in offloaded:
+                _place_outside(root, prefix, set(offloaded), device)
         hooks, previous = [], None
         for path in offloaded:
-            module = self.model.get_submodule(path)
+            module = self._offload_submodule(path)
             hook = _Offload(execution_device=device, prev_module_hook=previous if path in chained else None)
             add_hook_to_module(module, hook, append=True)
             user_hook = UserCpuOffloadHook(module, hook)

@@ -58,12 +58,12 @@ import PIL.Image
 import torch
 from transformers import DynamicCache, Pipeline
 from transformers.utils import logging
-from transformers.utils.logging import tqdm
 
 from .generation_g2tr import CacheLayout, as_compact_cache, stored_length
 from .image_utils import load_image_source
 from .pipeline_utils import (
     ModelCpuOffloadMixin,
+    PerCallPipelineMixin,
     check_callback,
     check_latents,
     check_num_images_per_prompt,
@@ -315,7 +315,7 @@ def stack_contexts(contexts: list[_Contexts], text_config) -> _StackedContexts:
     )
 
 
-class G2TRBagelPipeline(ModelCpuOffloadMixin, Pipeline):
+class G2TRBagelPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline):
     r"""
     Image editing and text-to-image with BAGEL-7B-MoT (`G2TRBagelForConditionalGeneration`), the input images' ViT
     tokens reduced by G2TR (see the module docstring for the algorithm).
@@ -809,20 +809,3 @@ class G2TRBagelPipeline(ModelCpuOffloadMixin, Pipeline):
 
     # --- transformers.Pipeline plumbing ---------------------------------------------------------------------------
 
-    def _sanitize_parameters(self, **kwargs):
-        """Settings are per call (`__call__`'s keyword arguments); the constructor takes none."""
-        if kwargs:
-            raise ValueError(
-                f"G2TRBagelPipeline takes its settings per call, not at construction: got {sorted(kwargs)}."
-            )
-        return {}, {}, {}
-
-    def progress_bar(self, total: int, disable: bool = False):
-        """A tqdm bar over `total` steps (diffusers-style; `set_progress_bar_config` sets its options)."""
-        config = dict(self._progress_bar_config)
-        config["disable"] = disable or config.get("disable", False)
-        return tqdm(total=total, **config)
-
-    def set_progress_bar_config(self, **kwargs) -> None:
-        """Options of the denoising progress bar (tqdm keyword arguments, e.g. `disable=True`)."""
-        self._progress_bar_config = kwargs

@@ -49,7 +49,6 @@ import PIL.Image
 import torch
 from transformers import DynamicCache, Pipeline
 from transformers.utils import logging
-from transformers.utils.logging import tqdm
 
 from .compat import CACHE_KWARG
 from .generation_g2tr import compaction_index
@@ -57,6 +56,7 @@ from .image_utils import load_image_source
 from .modeling_internvlu_gen import G2TRInternVLUGenerationDecoder, MMDiTConditioning
 from .pipeline_utils import (
     ModelCpuOffloadMixin,
+    PerCallPipelineMixin,
     check_callback,
     check_latents,
     check_num_images_per_prompt,
@@ -300,7 +300,7 @@ class _VLMContext:
     thought: str | None
 
 
-class G2TRInternVLUPipeline(ModelCpuOffloadMixin, Pipeline):
+class G2TRInternVLUPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline):
     r"""
     Image editing and text-to-image with InternVL-U (`G2TRInternVLUForConditionalGeneration` + its generation decoder),
     the input images' ViT tokens reduced by G2TR (see the module docstring for the algorithm).
@@ -977,24 +977,6 @@ class G2TRInternVLUPipeline(ModelCpuOffloadMixin, Pipeline):
             raise ValueError(str(error).replace("`images`", "`image`")) from error
 
     # --- transformers.Pipeline plumbing ---------------------------------------------------------------------------
-
-    def _sanitize_parameters(self, **kwargs):
-        """Settings are per call (`__call__`'s keyword arguments); the constructor takes none."""
-        if kwargs:
-            raise ValueError(
-                f"G2TRInternVLUPipeline takes its settings per call, not at construction: got {sorted(kwargs)}."
-            )
-        return {}, {}, {}
-
-    def progress_bar(self, total: int, disable: bool = False):
-        """A tqdm bar over `total` steps (diffusers-style; `set_progress_bar_config` sets its options)."""
-        config = dict(self._progress_bar_config)
-        config["disable"] = disable or config.get("disable", False)
-        return tqdm(total=total, **config)
-
-    def set_progress_bar_config(self, **kwargs) -> None:
-        """Options of the progress bars (tqdm keyword arguments, e.g. `disable=True`)."""
-        self._progress_bar_config = kwargs
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """The model, processor, generation decoder (`generation_decoder/`) and scheduler (`scheduler/`). For a folder

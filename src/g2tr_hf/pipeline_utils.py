@@ -21,11 +21,13 @@ import numpy as np
 import PIL.Image
 import torch
 from transformers.utils import logging
+from transformers.utils.logging import tqdm
 
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "PerCallPipelineMixin",
     "OUTPUT_TYPES",
     "ModelCpuOffloadMixin",
     "check_callback",
@@ -144,6 +146,30 @@ def convert_images(pixels: list[torch.Tensor], output_type: str) -> list:
         return [image.permute(1, 2, 0).float().numpy() for image in pixels]
     return [PIL.Image.fromarray((image * 255).to(torch.uint8).permute(1, 2, 0).numpy()) for image in pixels]
 
+
+
+class PerCallPipelineMixin:
+    """transformers `Pipeline` plumbing shared by the image-generation pipelines: every setting is a keyword argument
+    of `__call__` (the constructor takes none), and denoising shows a diffusers-style tqdm progress bar."""
+
+    _progress_bar_config: dict[str, Any]
+
+    def _sanitize_parameters(self, **kwargs):
+        if kwargs:
+            raise ValueError(
+                f"{type(self).__name__} takes its settings per call, not at construction: got {sorted(kwargs)}."
+            )
+        return {}, {}, {}
+
+    def progress_bar(self, total: int, disable: bool = False):
+        """A tqdm bar over `total` steps (`set_progress_bar_config` sets its options)."""
+        config = dict(getattr(self, "_progress_bar_config", {}))
+        config["disable"] = disable or config.get("disable", False)
+        return tqdm(total=total, **config)
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options of the progress bars (tqdm keyword arguments, e.g. `disable=True`)."""
+        self._progress_bar_config = kwargs
 
 class ModelCpuOffloadMixin:
     """diffusers' `enable_model_cpu_offload` for a pipeline whose components are submodules of one `self.model`.

@@ -112,9 +112,9 @@ def meta_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def unreduced_stage_flops() -> tuple[int, int, int]:
-    """(ViT + pixel shuffle + mlp1, VAE encode, VAE encode at half resolution) FLOPs of one 448 px image at
-    InternVL-U's real shapes."""
+def unreduced_stage_flops() -> tuple[int, int, int, int]:
+    """(ViT + pixel shuffle + mlp1, VAE encode, VAE encode at half resolution (pool 2), VAE encode at quarter
+    resolution (pool 4)) FLOPs of one 448 px image at InternVL-U's real shapes."""
     with torch.device("meta"):
         model = G2TRInternVLUForConditionalGeneration(G2TRInternVLUConfig(vae_config=QWEN_IMAGE_VAE_CONFIG))
         pixels = torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -126,16 +126,22 @@ def unreduced_stage_flops() -> tuple[int, int, int]:
             IMAGE_SIZE, IMAGE_SIZE, vae_downsample=8, patch_size=1, latent_pool=2, anchor_scale=0.5
         )
         half = meta_flops(lambda: encode_single_frame_mode(model.model.vae, torch.empty(1, 3, *half_size)))
-    return vit, vae, half
+        quarter_size, _ = anchor_encode_size(
+            IMAGE_SIZE, IMAGE_SIZE, vae_downsample=8, patch_size=1, latent_pool=4, anchor_scale=0.25
+        )
+        quarter = meta_flops(lambda: encode_single_frame_mode(model.model.vae, torch.empty(1, 3, *quarter_size)))
+    return vit, vae, half, quarter
 
 
 def print_accounting(layout: PromptLayout) -> None:
-    vit_flops, vae_flops, half_vae_flops = unreduced_stage_flops()
+    vit_flops, vae_flops, half_vae_flops, quarter_vae_flops = unreduced_stage_flops()
     full_kept, kept = layout.image_tokens, keep_count(layout.image_tokens, 0.5, MIN_KEEP)
     columns = {  # (kept tokens, anchor encode FLOPs)
         "ratio 1.0 (off)": (full_kept, 0),
         "ratio 0.5, exact anchors": (kept, vae_flops),
         "ratio 0.5, half-res anchors": (kept, half_vae_flops),
+        # A coarser anchor grid (pool 4: 14 x 14 cells for 16 x 16 tokens), encoded at a quarter of the size.
+        "ratio 0.5, pool 4, quarter-res anchors": (kept, quarter_vae_flops),
     }
     rows = {}
     for name, (kept_tokens, anchors) in columns.items():
@@ -160,8 +166,8 @@ def print_accounting(layout: PromptLayout) -> None:
     print(f"Accounting at InternVL-U shapes: one {IMAGE_SIZE}x{IMAGE_SIZE} image + a 30-token question "
           f"(prompt: {layout.before_image} + {layout.image_tokens + 2} + {layout.after_image} tokens)")
     print()
-    print("| | " + " | ".join(columns) + " | change vs off (exact / half-res) |")
-    print("|---|---|---|---|---|")
+    print("| | " + " | ".join(columns) + " | change vs off (exact / half-res / pool 4 quarter-res) |")
+    print("|---|---|---|---|---|---|")
     line("visual tokens into the LLM", "kept")
     line("prompt tokens = KV-cache entries after prefill", "tokens")
     line("KV cache, bf16 (MiB)", "kv", "{:.1f}")

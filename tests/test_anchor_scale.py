@@ -46,12 +46,15 @@ def test_downscaled_bagel_latent_lands_on_the_pooled_grid(height, width, pool, s
 
 
 @pytest.mark.parametrize("height, width", INTERNVLU_SIZES)
-def test_downscaled_internvlu_latent_lands_on_the_pooled_grid(height, width):
-    size, pool = anchor_encode_size(height, width, vae_downsample=8, patch_size=1, latent_pool=2, anchor_scale=0.5)
-    assert pool == 1
-    assert full_anchor_grid(*size, 8, 1, pool) == full_anchor_grid(height, width, 8, 1, 2)
+@pytest.mark.parametrize("latent_pool, scale, tile_size", [(2, 0.5, 224), (4, 0.25, 112), (4, 0.5, 224)])
+def test_downscaled_internvlu_latent_lands_on_the_pooled_grid(height, width, latent_pool, scale, tile_size):
+    size, pool = anchor_encode_size(
+        height, width, vae_downsample=8, patch_size=1, latent_pool=latent_pool, anchor_scale=scale
+    )
+    assert pool == round(latent_pool * scale)
+    assert full_anchor_grid(*size, 8, 1, pool) == full_anchor_grid(height, width, 8, 1, latent_pool)
     if (height, width) == (448, 448):
-        assert size == (224, 224)  # 4x fewer pixels for the real tile
+        assert size == (tile_size, tile_size)  # the real tile: 4x (16x) fewer pixels at half (quarter) scale
 
 
 @pytest.mark.parametrize("scale, pool", [(0.3, 2), (0.0, 2), (1.5, 2), (float("nan"), 2), ("half", 2), (0.25, 2)])

@@ -362,12 +362,6 @@ class G2TRBagelPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline):
             model.hf_device_map = {key: device_map[key] for key in [*computing, *device_map]}
         super().__init__(model=model, processor=processor, **kwargs)
 
-    @property
-    def interrupt(self) -> bool:
-        """Set `pipe._interrupt = True` (e.g. from `callback_on_step_end`) to stop denoising after the current step;
-        the images are decoded from the latents reached so far (diffusers' convention)."""
-        return self._interrupt
-
     # --- the algorithm --------------------------------------------------------------------------------------------
 
     @torch.no_grad()

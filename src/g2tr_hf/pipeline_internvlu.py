@@ -373,12 +373,6 @@ class G2TRInternVLUPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline
                 logger.warning("No `scheduler/` in %s: using InternVL-U's DPM-Solver++ settings.", source)
         return DPMSolverMultistepScheduler(**DEFAULT_SCHEDULER_CONFIG)
 
-    @property
-    def interrupt(self) -> bool:
-        """Set `pipe._interrupt = True` (e.g. from `callback_on_step_end`) to stop denoising after the current step;
-        the images are decoded from the latents reached so far (diffusers' convention)."""
-        return self._interrupt
-
     # --- the algorithm --------------------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -150,9 +150,17 @@ def convert_images(pixels: list[torch.Tensor], output_type: str) -> list:
 
 class PerCallPipelineMixin:
     """transformers `Pipeline` plumbing shared by the image-generation pipelines: every setting is a keyword argument
-    of `__call__` (the constructor takes none), and denoising shows a diffusers-style tqdm progress bar."""
+    of `__call__` (the constructor takes none), denoising shows a diffusers-style tqdm progress bar and stops early
+    when a callback sets `_interrupt`."""
 
     _progress_bar_config: dict[str, Any]
+    _interrupt: bool = False
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (e.g. from `callback_on_step_end`) to stop denoising after the current step;
+        the images are decoded from the latents reached so far (diffusers' convention)."""
+        return self._interrupt
 
     def _sanitize_parameters(self, **kwargs):
         if kwargs:

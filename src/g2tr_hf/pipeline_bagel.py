@@ -53,18 +53,17 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 from transformers import DynamicCache, Pipeline
 from transformers.utils import logging
 
 from .generation_g2tr import CacheLayout, as_compact_cache, stored_length
-from .image_utils import load_image_source
 from .pipeline_utils import (
     ModelCpuOffloadMixin,
     PerCallPipelineMixin,
     check_callback,
+    check_input_images,
     check_latents,
     check_num_images_per_prompt,
     check_output_type,
@@ -260,12 +259,6 @@ class _StackedContexts:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_image(value: object) -> bool:
-    if isinstance(value, PIL.Image.Image):
-        return True
-    return isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim in (2, 3)
 
 
 def stack_contexts(contexts: list[_Contexts], text_config) -> _StackedContexts:
@@ -709,7 +702,7 @@ class G2TRBagelPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline):
                 )
         else:
             raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
-        images_per_row = [self._check_images(entry) for entry in row_images]
+        images_per_row = [check_input_images(entry) for entry in row_images]
 
         if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 2:
             raise ValueError(
@@ -755,26 +748,6 @@ class G2TRBagelPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline):
             )
             requests.append(_Request(prompt=text, images=images, guidance=guidance))
         return requests, generators
-
-    @staticmethod
-    def _check_images(entry: Any) -> list[Any]:
-        if entry is None:
-            return []
-        images = list(entry) if isinstance(entry, (list, tuple)) else [entry]
-        if not images:
-            raise ValueError(
-                "`image`: an edit needs at least one input image (got an empty list); pass None for text-to-image."
-            )
-        # Paths and URLs as in understanding (the processors accept them too).
-        images = [load_image_source(item, "image") if isinstance(item, str) else item for item in images]
-        for item in images:
-            if not _is_image(item):
-                shape = f" of shape {tuple(item.shape)}" if isinstance(item, (np.ndarray, torch.Tensor)) else ""
-                raise ValueError(
-                    "`image` must hold PIL images, numpy arrays (H, W[, C]), tensors (C, H, W), paths or URLs, got "
-                    f"{type(item).__name__}{shape}."
-                )
-        return images
 
     def _check_size(self, height: Any, width: Any, only_edits: bool) -> None:
         """`height` / `width` size the text-to-image prompts of a call (edits keep their input's size), so they are

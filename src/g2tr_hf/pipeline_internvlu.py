@@ -52,12 +52,12 @@ from transformers.utils import logging
 
 from .compat import CACHE_KWARG
 from .generation_g2tr import compaction_index
-from .image_utils import load_image_source
 from .modeling_internvlu_gen import G2TRInternVLUGenerationDecoder, MMDiTConditioning
 from .pipeline_utils import (
     ModelCpuOffloadMixin,
     PerCallPipelineMixin,
     check_callback,
+    check_input_images,
     check_latents,
     check_num_images_per_prompt,
     check_output_type,
@@ -251,12 +251,6 @@ def editing_token_accounting(
 
 def _is_number(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_image(value: object) -> bool:
-    if isinstance(value, PIL.Image.Image):
-        return True
-    return isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim in (2, 3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -950,21 +944,7 @@ class G2TRInternVLUPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline
 
     @staticmethod
     def _check_images(entry: Any) -> list[PIL.Image.Image]:
-        if entry is None:
-            return []
-        images = list(entry) if isinstance(entry, (list, tuple)) else [entry]
-        if not images:
-            raise ValueError(
-                "`image`: an edit needs at least one input image (got an empty list); pass None for text-to-image."
-            )
-        images = [load_image_source(item, "image") if isinstance(item, str) else item for item in images]
-        for item in images:
-            if not _is_image(item):
-                shape = f" of shape {tuple(item.shape)}" if isinstance(item, (np.ndarray, torch.Tensor)) else ""
-                raise ValueError(
-                    "`image` must hold PIL images, numpy arrays (H, W[, C]), tensors (C, H, W), paths or URLs, got "
-                    f"{type(item).__name__}{shape}."
-                )
+        images = check_input_images(entry)
         try:
             return [to_rgb_image(item) for item in images]
         except ValueError as error:

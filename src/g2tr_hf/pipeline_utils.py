@@ -8,8 +8,8 @@ pipeline (BAGEL's editing / text-to-image pipeline, and InternVL-U's with the sa
 them alike. Latents are always handled as a list with one tensor per generated image: the images of one call may
 differ in size, so they are never stacked implicitly.
 
-This module travels to the Hub with the pipelines: it imports only torch, numpy, PIL and the standard library
-(accelerate lazily, when offloading is switched on).
+This module travels to the Hub with the pipelines: it imports only torch, numpy, PIL, transformers' logging, our
+`image_utils` and the standard library (accelerate lazily, when offloading is switched on).
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ import torch
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
+from .image_utils import load_image_source
+
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "check_input_images",
     "PerCallPipelineMixin",
     "OUTPUT_TYPES",
     "ModelCpuOffloadMixin",
@@ -147,6 +150,33 @@ def convert_images(pixels: list[torch.Tensor], output_type: str) -> list:
     return [PIL.Image.fromarray((image * 255).to(torch.uint8).permute(1, 2, 0).numpy()) for image in pixels]
 
 
+
+
+def _is_image(value: object) -> bool:
+    if isinstance(value, PIL.Image.Image):
+        return True
+    return isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim in (2, 3)
+
+
+def check_input_images(entry: Any) -> list[Any]:
+    """One prompt's `image` entry -> its list of input images: None -> [] (text-to-image), one image or a list of
+    them; paths and URLs are loaded (as the processors do). Anything else is a `ValueError` naming `image`."""
+    if entry is None:
+        return []
+    images = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+    if not images:
+        raise ValueError(
+            "`image`: an edit needs at least one input image (got an empty list); pass None for text-to-image."
+        )
+    images = [load_image_source(item, "image") if isinstance(item, str) else item for item in images]
+    for item in images:
+        if not _is_image(item):
+            shape = f" of shape {tuple(item.shape)}" if isinstance(item, (np.ndarray, torch.Tensor)) else ""
+            raise ValueError(
+                "`image` must hold PIL images, numpy arrays (H, W[, C]), tensors (C, H, W), paths or URLs, got "
+                f"{type(item).__name__}{shape}."
+            )
+    return images
 
 class PerCallPipelineMixin:
     """transformers `Pipeline` plumbing shared by the image-generation pipelines: every setting is a keyword argument

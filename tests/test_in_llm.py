@@ -1,4 +1,5 @@
-"""In-LLM methods (FastV, PDrop, DART) on both tiny models, with 4-layer decoders so that PDrop has three stages.
+"""In-LLM methods (FastV, W-FastV, PDrop, DART, IVC-Prune, VScan) on both tiny models, with 4-layer decoders so
+that PDrop has three stages.
 
 Checked: schedules, the hand-computed scores against the eager kernel's attention weights, exact per-image budgets,
 ratio 1.0 == unreduced, determinism, batch == singles, SDPA == eager, the cache after dropping (every layer holds
@@ -20,6 +21,7 @@ from g2tr_hf.compat import output_cache
 from g2tr_hf.generation_g2tr import stored_length
 from g2tr_hf.in_llm import (
     DropSchedule,
+    acts_before_llm,
     _window_select,
     drop_schedule,
     last_token_attention,
@@ -31,7 +33,7 @@ from g2tr_hf.reduction import keep_count, reduce_tokens
 from g2tr_hf.tiny import build_tiny
 
 
-METHODS = ["fastv", "wfastv", "pdrop", "dart", "ivcprune"]
+METHODS = ["fastv", "wfastv", "pdrop", "dart", "ivcprune", "vscan"]
 RATIO = 0.5
 
 
@@ -43,6 +45,9 @@ def test_schedules_follow_the_papers_and_scale_to_depth():
     assert drop_schedule("ivcprune", 28, 0.3) == DropSchedule((13,), (14,), (0.3,))
     assert drop_schedule("fastv", 2, 0.5).drop_layers == (1,)  # clamped to the last layer
     assert drop_schedule("pdrop", 4, 0.5).drop_layers == (1, 2, 3)
+    # VScan's LLM stage: half the depth (16 of 32, 14 of 28), `ratio` of the tokens that entered
+    assert drop_schedule("vscan", 32, 0.5) == DropSchedule((16,), (16,), (0.5,))
+    assert drop_schedule("vscan", 28, 0.6) == DropSchedule((14,), (14,), (0.6,))
     with pytest.raises(ValueError, match="at least 2 layers"):
         drop_schedule("fastv", 1, 0.5)
     with pytest.raises(ValueError, match="`method` must be one of"):
@@ -58,6 +63,8 @@ def test_ratio_for_a_layer_average():
         ratio = ratio_for_layer_average(method, 28, 0.6)
         counts = layer_token_counts(drop_schedule(method, 28, ratio), 28, [10**6], other_tokens=0)
         assert sum(counts) / 28 / 10**6 == pytest.approx(0.6, abs=1e-3)
+    # VScan: r enter, r * r after the middle layer -> r (1 + r) / 2 = 0.5 at the golden ratio's 0.618
+    assert ratio_for_layer_average("vscan", 28, 0.5) == pytest.approx((5**0.5 - 1) / 2, abs=1e-9)
     with pytest.raises(ValueError, match="at least 0.071"):
         ratio_for_layer_average("fastv", 28, 0.05)
 
@@ -161,8 +168,11 @@ def test_manual_scores_equal_the_eager_attention_weights(models):
         assert top(manual) == top(reference)
 
 
-def _final_keep(method: str, layers: int) -> float:
-    return drop_schedule(method, layers, RATIO).keep[-1]
+def _final_count(method: str, num_tokens: int, layers: int, min_keep: int) -> int:
+    """Tokens of an image of `num_tokens` left after prefill (`vscan`: its ViT stage first, then its LLM stage)."""
+    if acts_before_llm(method):
+        num_tokens = keep_count(num_tokens, RATIO, min_keep)
+    return keep_count(num_tokens, drop_schedule(method, layers, RATIO).keep[-1], min_keep)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +217,7 @@ def test_method_on_both_models(models, unreduced, method):
                 ids, kept = single["input_ids"][0], out.kept_token_mask[0]
                 blocks = _image_blocks(sdpa, ids)
                 assert [int(kept[b].sum()) for b in blocks] == [
-                    keep_count(b.numel(), _final_keep(method, layers), min_keep) for b in blocks
+                    _final_count(method, b.numel(), layers, min_keep) for b in blocks
                 ]
                 dropped = sum(b.numel() for b in blocks) - sum(int(kept[b].sum()) for b in blocks)
                 assert int(kept.sum()) == ids.numel() - dropped
@@ -217,12 +227,20 @@ def test_method_on_both_models(models, unreduced, method):
                 stored = int(out.reduced_attention_mask[0].sum())
                 assert stored == ids.numel() - dropped
                 assert all(stored_length(cache, layer) == stored for layer in range(layers))
-                full_positions = full_cache.layout.position_ids[0]
-                assert torch.equal(cache.layout.position_ids[0], full_positions[kept])
                 # before the first drop the layers saw the whole prompt: their entries of the kept tokens are the
-                # unreduced model's
-                torch.testing.assert_close(cache.layers[0].keys, full_cache.layers[0].keys[:, :, kept])
-                torch.testing.assert_close(cache.layers[0].values, full_cache.layers[0].values[:, :, kept])
+                # unreduced model's (VScan's: those of its ViT stage alone, which the decoder then received)
+                before = full_cache, torch.ones_like(kept)
+                if acts_before_llm(method):
+                    with reduction_options(sdpa, "vscan-vit"):
+                        entered = sdpa(**single, g2tr_ratio=RATIO, use_cache=True)
+                    before = output_cache(entered), entered.kept_token_mask[0]
+                    assert [p.num_kept for p in out.image_reductions] == [p.num_kept for p in entered.image_reductions]
+                    assert all(torch.equal(a.keep, b.keep) for a, b in zip(out.image_reductions, entered.image_reductions))
+                stored_before = kept[before[1]]  # which of the entries cached before the drop survive it
+                # the positions the decoder gave them (InternVL-U numbers a pre-LLM-reduced prompt afresh)
+                assert torch.equal(cache.layout.position_ids[0], before[0].layout.position_ids[0][stored_before])
+                torch.testing.assert_close(cache.layers[0].keys, before[0].layers[0].keys[:, :, stored_before])
+                torch.testing.assert_close(cache.layers[0].values, before[0].layers[0].values[:, :, stored_before])
 
                 # batch == singles
                 torch.testing.assert_close(batch_out.logits[row, -1], out.logits[0, -1], atol=1e-5, rtol=1e-4)
@@ -230,7 +248,7 @@ def test_method_on_both_models(models, unreduced, method):
 
 
 # wfastv decodes exactly as fastv; ivcprune as fastv at its own layer (only the selection differs)
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "dart"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "dart", "vscan"])
 def test_cached_decoding_matches_a_one_shot_continuation(models, method):
     name, sdpa, _, processor = models
     inputs = _inputs(processor, [1])
@@ -262,16 +280,18 @@ def test_cached_decoding_matches_a_one_shot_continuation(models, method):
     torch.testing.assert_close(continuation.logits[0], scores[1:], atol=1e-5, rtol=1e-4)
 
 
-def test_editing_pipeline_refuses_in_llm_methods():
+@pytest.mark.parametrize("method", ["fastv", "vscan"])
+def test_editing_pipeline_refuses_in_llm_methods(method):
     from g2tr_hf.pipeline_bagel import G2TRBagelPipeline
 
     model, processor = build_tiny("bagel")
     pipe = G2TRBagelPipeline(model=model, processor=processor)
-    with reduction_options(model, "fastv"), pytest.raises(ValueError, match="inside the language model"):
+    with reduction_options(model, method), pytest.raises(ValueError, match="inside the language model") as error:
         pipe(prompt="make it red", image=_image(3), num_inference_steps=2, g2tr_ratio=0.5, show_progress=False)
+    assert method != "vscan" or "vscan_vit" in str(error.value)  # points to the ViT stage, which editing can use
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "vscan"])
 def test_a_second_turn_with_a_new_image_drops_against_the_cache(models, method):
     from test_generation_multiturn import image_inputs, make_image, turn
 
@@ -296,7 +316,7 @@ def test_a_second_turn_with_a_new_image_drops_against_the_cache(models, method):
     final = output_cache(continued)
     assert final.get_seq_length() == continued.sequences.shape[1] - 1  # the caller's length
     (n_second,) = [block.numel() for block in _image_blocks(sdpa, second["input_ids"][0])]
-    dropped = n_second - keep_count(n_second, _final_keep(method, layers), sdpa.config.g2tr_min_keep)
+    dropped = n_second - _final_count(method, n_second, layers, sdpa.config.g2tr_min_keep)
     # cached: the first turn (its last answer token was never fed back), that token, the second prompt less its
     # dropped image tokens, and all but the last of the second answer
     expected = stored_first + 1 + second["input_ids"].shape[1] - dropped + 2

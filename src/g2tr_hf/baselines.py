@@ -14,6 +14,12 @@ gets. None of them needs the VAE anchors, so the models skip the anchor encode f
 | `divprune` | greedy max-min diversity on cosine distance | averaged into the most cosine-similar kept token |
 | `visionzip` | "dominant" tokens by received attention + strided "contextual" targets | the rest into their target |
 | `tome` | the destinations of repeated bipartite soft matching | into their matched token (size-weighted means) |
+| `vscan_vit` | VScan's ViT stage: half by the ViT's last-layer attention (global scan), half per 6 x 6 window by a shallow layer's (local scan) | averaged into the most cosine-similar kept token |
+
+`vscan` (both VScan stages) runs `vscan_vit` before the LLM and then drops tokens once more at the middle decoder
+layer (`in_llm`). The two ViT scores are the only ones here taken from the ViT itself (`needs_vit_attention`): the
+models capture the inputs of the two ViT layers while the ViT runs and recompute those layers' attention by hand
+(`vit_received_attention`, `vit_cls_attention`), so the ViT keeps its SDPA kernel.
 
 The paper-faithful settings (merge on or off per method) and the G2TR ablations are named presets,
 `METHOD_PRESETS`, used by `g2tr-hf bench` and resolved by `resolve_method`.
@@ -32,6 +38,18 @@ Deviations from the reference implementations (no reference is imported; all are
 - ToMe: applied once after the projector (not inside every ViT block), on the running group means of the projected
   tokens as the matching metric (the reference uses the attention keys of each block), repeated with r <= half the
   tokens per round until exactly K remain. No proportional attention (the LLM sees plain tokens).
+- VScan's ViT stage: the reference scores with the [CLS] token's attention in the penultimate CLIP layer (global)
+  and in shallow layer 5 of 24 (local). Here the global scan reads the attention of the last ViT layer the model
+  runs (the layer whose output the LLM receives, which is what "penultimate" is for LLaVA) and the local scan
+  layer round(5/24 * depth) (BAGEL: 5 of 26, InternVL-U: 5 of 24; the reference's exact layer index for other
+  depths is unverified). InternVL-U's InternViT has a [CLS] token, so its scores are the [CLS] row of the
+  attention, averaged over heads, summed over the 2 x 2 ViT patches behind each LLM token (the pixel shuffle joins
+  them, so the scan selects on the 16 x 16 token grid and the ViT sequence itself is never shortened). BAGEL's
+  SigLIP has no [CLS] token: the score is the attention each patch receives, averaged over heads and over every
+  query patch of its image. The windows are 6 x 6 LLM tokens on any grid (the reference: 6 x 6 on LLaVA's 24 x 24
+  grid, 16 windows), edge windows smaller. The split is ceil(K/2) global then K - ceil(K/2) local among the rest;
+  the dropped tokens are averaged into their most cosine-similar kept token AFTER the projector (the reference
+  merges the ViT features before the projector; all methods here act on projected tokens).
 - avgpool: for grids that the budget does not divide, the pooling windows are the Voronoi cells of a regular
   sub-grid, so window sizes differ by at most one row or column.
 """
@@ -54,18 +72,29 @@ from .reduction import (
     register_method,
     validate_reduction_options,
 )
+from .in_llm import _window_select, window_cells
 
 
 __all__ = [
     "METHOD_PRESETS",
     "VISIONZIP_DOMINANT_SHARE",
+    "capture_layer_inputs",
     "received_attention",
     "reduction_options",
     "resolve_method",
+    "vit_cls_attention",
+    "vit_received_attention",
+    "vscan_vit_layers",
 ]
 
 # VisionZip's 64-token LLaVA setting keeps 54 dominant and 10 contextual tokens.
 VISIONZIP_DOMINANT_SHARE = 54 / 64
+
+# VScan's ViT stage: half the budget by global attention, half per window; windows of 6 x 6 tokens; the local scan
+# reads shallow layer 5 of CLIP-L's 24.
+VSCAN_GLOBAL_SHARE = 0.5
+VSCAN_WINDOW = 6
+VSCAN_LOCAL_LAYER_SHARE = 5 / 24
 
 # Row blocks of the N x N similarity computations: bounds the memory of one step at 1024 x N floats.
 _ROW_BLOCK = 1024
@@ -204,6 +233,89 @@ def _select_avgpool(inputs: SelectionInputs) -> SelectionPlan:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# VScan's ViT stage: scores from the ViT's own attention, recomputed by hand
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def vscan_vit_layers(num_layers: int) -> tuple[int, int]:
+    """(global, local): the 0-based indices, among the `num_layers` ViT layers a model runs, of the layers whose
+    attention VScan's global and local scans read (the last one; round(5/24 * depth))."""
+    if num_layers < 1:
+        raise ValueError(f"`num_layers` must be at least 1, got {num_layers}.")
+    return num_layers - 1, min(num_layers - 1, round(num_layers * VSCAN_LOCAL_LAYER_SHARE))
+
+
+@contextlib.contextmanager
+def capture_layer_inputs(layers: dict[int, torch.nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the hidden states each of `layers` ({key: module}) receives as its first argument while the block
+    runs (forward pre-hooks, removed afterwards). Yields {key: hidden states}, filled as the layers run."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_for(key: int):
+        def hook(module, args):
+            captured[key] = args[0]
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(key)) for key, module in layers.items()]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def vit_received_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention each token receives in one bidirectional ViT layer, averaged over heads and query tokens, [N] fp32.
+
+    Args:
+        query, key: [H, N, d] one image's heads (no padding). scaling: the layer's logit scale (1/sqrt(d)).
+    The N x N maps are built `_ROW_BLOCK` query rows at a time, so memory stays at H x `_ROW_BLOCK` x N floats.
+    """
+    heads, num_tokens = query.shape[:2]
+    keys = key.float().transpose(-1, -2)
+    total = keys.new_zeros(num_tokens)
+    for start in range(0, num_tokens, _ROW_BLOCK):
+        logits = query[:, start : start + _ROW_BLOCK].float() @ keys * scaling  # [H, rows, N]
+        total += logits.softmax(dim=-1).sum(dim=(0, 1))
+    return total / (heads * num_tokens)
+
+
+def vit_cls_attention(cls_query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of the [CLS] token to every token (itself included), averaged over heads.
+
+    Args:
+        cls_query: [B, H, d]; key: [B, H, S, d]. Returns: [B, S] fp32.
+    """
+    logits = (cls_query.float()[:, :, None] @ key.float().transpose(-1, -2))[:, :, 0] * scaling  # [B, H, S]
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+@register_method("vscan_vit", needs_anchors=False, needs_vit_attention=True)
+def _select_vscan_vit(inputs: SelectionInputs) -> SelectionPlan:
+    """VScan's global + local scans on `vit_attention` ([2, N]: global scores, local scores).
+
+    Global: the ceil(K/2) tokens with the highest global score. Local: among the others, the K - ceil(K/2) best by
+    the local score with at most ceil(k_local / #windows) per `VSCAN_WINDOW`-token square window (filled from the
+    best of the rest when small or exhausted windows leave the budget short). The dropped tokens are merged by the
+    model's `merge` option (nearest kept token by cosine, a plain average: VScan's merge).
+    """
+    global_scores, local_scores = inputs.vit_attention[0], inputs.vit_attention[1]
+    k, device = inputs.num_keep, inputs.vit_attention.device
+    num_global = min(k, math.ceil(k * VSCAN_GLOBAL_SHARE))
+    global_keep = _rank_descending(global_scores)[:num_global]
+    taken = torch.zeros(global_scores.numel(), dtype=torch.bool, device=device).index_fill_(0, global_keep, True)
+    rest = (~taken).nonzero().flatten()
+    windows = window_cells(inputs.grid, VSCAN_WINDOW, device).index_select(0, rest)
+    local_keep = rest.index_select(0, _window_select(local_scores.index_select(0, rest), windows, k - num_global))
+    return SelectionPlan(torch.sort(torch.cat([global_keep, local_keep])).values, None, global_scores)
+
+
+# `vscan` = this ViT stage before the LLM + one more drop at the middle decoder layer (`in_llm.drop_schedule`).
+register_method("vscan", needs_anchors=False, needs_vit_attention=True)(_select_vscan_vit)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Presets: the paper-faithful baselines and the G2TR ablations as named option sets
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -221,6 +333,9 @@ METHOD_PRESETS: dict[str, dict] = {
     "divprune": {"g2tr_method": "divprune", "g2tr_merge": False},
     "visionzip": {"g2tr_method": "visionzip", "g2tr_merge": True},
     "tome": {"g2tr_method": "tome", "g2tr_merge": True},
+    # VScan: both stages (ViT scans + merge, then the middle-layer drop), and its ViT stage alone.
+    "vscan": {"g2tr_method": "vscan", "g2tr_merge": True},
+    "vscan-vit": {"g2tr_method": "vscan_vit", "g2tr_merge": True},
 }
 
 _OPTION_TYPES = {

@@ -1,11 +1,11 @@
-"""In-LLM visual-token dropping (FastV, PyramidDrop, DART) for both g2tr_hf models, without attention weights.
+"""In-LLM visual-token dropping (FastV, PyramidDrop, DART, IVC-Prune, VScan's LLM stage) for both g2tr_hf models,
+without attention weights.
 
-The methods are selected like every other one, `g2tr_method="fastv"` (or `"wfastv"`, `"pdrop"`, `"dart"`) with
-`g2tr_ratio`, and
-act inside the decoder instead of before it. A model builds one `InLLMDropper` per forward call
-(`InLLMDropper.for_call`), attaches it to its decoder layers for the duration of the decoder call
-(`InLLMDropper.attached`: forward pre-hooks that return new arguments, nothing is patched or resized in place), and
-reads the final layout back with `InLLMDropper.finish`. Outside an in-LLM method the dropper is a no-op.
+The methods are selected like every other one, `g2tr_method="fastv"` (or `"wfastv"`, `"pdrop"`, `"dart"`,
+`"ivcprune"`, `"vscan"`) with `g2tr_ratio`, and act inside the decoder instead of before it. A model builds one
+`InLLMDropper` per forward call (`InLLMDropper.for_call`), attaches it to its decoder layers for the duration of the
+decoder call (`InLLMDropper.attached`: forward pre-hooks that return new arguments, nothing is patched or resized
+in place), and reads the final layout back with `InLLMDropper.finish`. Outside an in-LLM method the dropper is a no-op.
 
 What happens in one prefill:
 
@@ -39,6 +39,12 @@ Methods (the `ratio` is `g2tr_ratio`, the fraction of each image's tokens kept):
   attention from seeds + question, mean over heads. On BAGEL every token of an image has the SAME RoPE position, so
   the coordinate tokens are degenerate there (all tie; the lowest indices win): only the foreground part carries
   information. The budget is exact (`ratio`) instead of IVC-Prune's fixed ~30 %.
+- `vscan` (VScan, two stages): before the decoder its ViT stage (`baselines`, registered as `vscan_vit` alone)
+  keeps `ratio` of each image's tokens and merges the rest; then at the middle layer (half the depth: VScan's 16
+  of 32, 14 of 28) the score is PDrop's (attention of the last prompt token with that layer's q/k, averaged over
+  heads) and each image keeps `ratio` of the tokens that ENTERED (so ratio^2 of its original tokens). One ratio
+  for both stages: the reference sets them apart (LLaVA: 96 of 576 tokens enter, 32 stay; its 50 % setting keeps
+  0.6, then 0.67); `ratio_for_layer_average("vscan", L, 0.5)` = 0.618 is this scheme's 50 % point.
 - `dart`: at layer K = 2, pivots = the 4 image tokens (per image) and 4 text tokens (per row) with the largest L1
   norm of their key states (after k-norm, before RoPE); then, pivot by pivot, the image tokens least cosine-similar
   to the pivot (on that layer's input hidden states) are kept, without replacement, until the image's budget is
@@ -68,13 +74,18 @@ __all__ = [
     "IN_LLM_METHODS",
     "DropSchedule",
     "InLLMDropper",
+    "acts_before_llm",
     "acts_in_llm",
     "drop_schedule",
+    "entry_share",
+    "refuse_in_llm_methods",
     "layer_token_counts",
     "ratio_for_layer_average",
 ]
 
-IN_LLM_METHODS = ("fastv", "wfastv", "pdrop", "dart", "ivcprune")
+IN_LLM_METHODS = ("fastv", "wfastv", "pdrop", "dart", "ivcprune", "vscan")
+# Methods that also reduce before the LLM (their pre-LLM part is a registered selection method of the same name).
+TWO_STAGE_METHODS = ("vscan",)
 
 FASTV_LAYER = 2
 WFASTV_WINDOW = 4  # window side in tokens (the G2TR reference's `window_selection(..., window_size=4)`)
@@ -84,11 +95,37 @@ IVC_LAYER_SHARE = 16 / 32  # IVC-Prune prunes at layer 16 of InternVL2.5's 32-la
 IVC_SEED_SHARE, IVC_COORDINATE_SHARE = 0.01, 0.05  # seeds: top 1 %; coordinate tokens: top 5 % by cos and by sin
 PDROP_LLAVA_LAYERS = (8, 16, 24)
 PDROP_LLAVA_DEPTH = 32
+VSCAN_LAYER_SHARE = 16 / 32  # VScan's LLM stage: layer 16 of LLaVA's 32 (14 of Qwen2.5-VL's 28)
 
 
 def acts_in_llm(method: str) -> bool:
-    """Whether `method` (a `g2tr_method` value) drops tokens inside the decoder rather than before it."""
+    """Whether `method` (a `g2tr_method` value) drops tokens inside the decoder (`vscan`: also before it)."""
     return method in IN_LLM_METHODS
+
+
+def acts_before_llm(method: str) -> bool:
+    """Whether `method` reduces the image tokens before the decoder (every method but the in-LLM-only ones)."""
+    return method not in IN_LLM_METHODS or method in TWO_STAGE_METHODS
+
+
+def refuse_in_llm_methods(config, g2tr_ratio: float | None, where: str) -> None:
+    """Raise a ValueError when the config's method drops tokens inside the decoder and `g2tr_ratio` (or the
+    config's ratio) reduces: `where` (editing, text-to-image) prefills the images before the instruction, so the
+    text-guided score of the last prompt token does not exist there."""
+    method = config.g2tr_method
+    if not acts_in_llm(method) or config.resolve_g2tr_ratio(g2tr_ratio) >= 1.0:
+        return
+    alternative = " (VScan's ViT stage alone is g2tr_method='vscan_vit')" if method in TWO_STAGE_METHODS else ""
+    raise ValueError(
+        f"g2tr_method={method!r} drops tokens inside the language model, ranked by the prompt's last token after the "
+        f"image; {where} prefills the input images before the instruction, so it cannot run there. Use a method "
+        f"that reduces before the LLM{alternative}, or g2tr_ratio=1.0."
+    )
+
+
+def entry_share(method: str, ratio: float) -> float:
+    """Share of each image's tokens that enters the decoder at keep ratio `ratio` (rounding aside)."""
+    return ratio if acts_before_llm(method) else 1.0
 
 
 def _refuse_pre_llm(inputs: SelectionInputs) -> torch.Tensor:
@@ -99,6 +136,8 @@ def _refuse_pre_llm(inputs: SelectionInputs) -> torch.Tensor:
 
 
 for _name in IN_LLM_METHODS:
+    if _name in TWO_STAGE_METHODS:
+        continue  # its pre-LLM part is a real selection method (`baselines`)
     # Registered so that `g2tr_method="fastv"` validates like every method; the models never call the function.
     register_method(_name, needs_anchors=False)(_refuse_pre_llm)
 
@@ -143,6 +182,10 @@ def drop_schedule(method: str, num_layers: int, ratio: float) -> DropSchedule:
     if method == "pdrop":
         layers = tuple(sorted({clamp(round(l * num_layers / PDROP_LLAVA_DEPTH)) for l in PDROP_LLAVA_LAYERS}))
         return DropSchedule(layers, layers, tuple(ratio ** (stage + 1) for stage in range(len(layers))))
+    if method == "vscan":
+        # Relative to the tokens that ENTER the decoder (its ViT stage already kept `ratio` of each image).
+        layer = clamp(round(num_layers * VSCAN_LAYER_SHARE))
+        return DropSchedule((layer,), (layer,), (ratio,))
     raise ValueError(f"`method` must be one of {list(IN_LLM_METHODS)}, got {method!r}.")
 
 
@@ -173,6 +216,11 @@ def _layer_average_share(schedule: DropSchedule, num_layers: int) -> float:
     return total / num_layers
 
 
+def _method_average_share(method: str, num_layers: int, ratio: float) -> float:
+    """Share of the ORIGINAL image tokens an average layer processes (`vscan`: of those its ViT stage let in)."""
+    return entry_share(method, ratio) * _layer_average_share(drop_schedule(method, num_layers, ratio), num_layers)
+
+
 def ratio_for_layer_average(method: str, num_layers: int, target: float) -> float:
     """The `g2tr_ratio` at which `method` processes `target` of the image tokens per layer on average ("Avg.
     Tokens" as a share of the image), so that in-LLM methods can be compared with pre-LLM ones at equal compute.
@@ -183,7 +231,7 @@ def ratio_for_layer_average(method: str, num_layers: int, target: float) -> floa
     """
     if not 0.0 < target <= 1.0:
         raise ValueError(f"`target` must be in (0, 1], got {target!r}.")
-    floor = _layer_average_share(drop_schedule(method, num_layers, 1e-9), num_layers)
+    floor = _method_average_share(method, num_layers, 1e-9)
     if target < floor:
         raise ValueError(
             f"{method!r} on {num_layers} layers processes at least {floor:.3f} of the image tokens per layer on "
@@ -192,7 +240,7 @@ def ratio_for_layer_average(method: str, num_layers: int, target: float) -> floa
     low, high = 1e-9, 1.0
     for _ in range(60):
         middle = (low + high) / 2
-        if _layer_average_share(drop_schedule(method, num_layers, middle), num_layers) < target:
+        if _method_average_share(method, num_layers, middle) < target:
             low = middle
         else:
             high = middle
@@ -342,7 +390,7 @@ class _NoDrop:
     def attached(self, layers: Sequence[torch.nn.Module]) -> Iterator[None]:
         yield
 
-    def finish(self, cache, new_mask, position_ids, kept_token_mask):
+    def finish(self, cache, new_mask, position_ids, kept_token_mask, origin=None):
         return new_mask, position_ids, kept_token_mask
 
 
@@ -615,19 +663,37 @@ class InLLMDropper:
 
     # --- after the decoder --------------------------------------------------------------------------------------
 
-    def finish(self, cache, new_mask: torch.Tensor, position_ids: torch.Tensor, kept_token_mask: torch.Tensor):
+    def finish(
+        self,
+        cache,
+        new_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        kept_token_mask: torch.Tensor,
+        origin: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         """Remove the dropped tokens' entries from every layer's cache and return the final layout.
 
+        Args:
+            new_mask, position_ids: [B, L] of the decoder input this dropper was built for.
+            kept_token_mask: [B, L0] over the caller's tokens.
+            origin: (index [B, L], filled [B, L]) from the decoder input back to the caller's tokens, when a pre-LLM
+                stage already removed some of them (`vscan`); None when the decoder input is the caller's tokens.
         Returns:
-            (new_mask [B, L'], position_ids [B, L'], kept_token_mask [B, L] over the caller's tokens).
+            (new_mask [B, L'], position_ids [B, L'], kept_token_mask [B, L0] over the caller's tokens).
         """
         index, filled = self.index, self.filled
         if cache is not None:
             self._shrink_cache(cache, index)
         final_mask = new_mask.gather(1, index) & filled
         final_positions = position_ids.gather(1, index).masked_fill(~filled, 0)
-        alive = _scatter_flags(index, filled, self.image_mask.shape[1])
-        return final_mask, final_positions, kept_token_mask & (alive | ~self.image_mask)
+        image_mask = self.image_mask
+        if origin is not None:
+            origin_index, origin_filled = origin
+            image_mask = _scatter_flags(origin_index, origin_filled & image_mask, kept_token_mask.shape[1])
+            filled = filled & origin_filled.gather(1, index)
+            index = origin_index.gather(1, index)
+        alive = _scatter_flags(index, filled, kept_token_mask.shape[1])
+        return final_mask, final_positions, kept_token_mask & (alive | ~image_mask)
 
     def _shrink_cache(self, cache, final_index: torch.Tensor) -> None:
         """Layers that ran before a drop cached a longer layout: gather their new entries to the final one."""

@@ -63,12 +63,14 @@ from .generation_g2tr import (
     open_compact_cache,
     stored_length,
 )
-from .in_llm import InLLMDropper, acts_in_llm
+from .baselines import capture_layer_inputs, vit_received_attention, vscan_vit_layers
+from .in_llm import InLLMDropper, acts_before_llm
 from .reduction import (
     ReductionResult,
     anchor_encode_size,
     build_latent_anchors,
     method_needs_anchors,
+    method_needs_vit_attention,
     reduce_tokens,
     resize_for_anchors,
 )
@@ -1157,6 +1159,7 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         vae_image_hw: torch.Tensor | None,
         ratio: float,
         latents: list[torch.Tensor] | None = None,
+        vit_attention: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[ReductionResult]]:
         """G2TR on every image: anchors from the VAE posterior mean (patchify 2 x 2, pool `g2tr_latent_pool`,
         `vae2llm`; no position or time embedding), then `reduce_tokens` per image.
@@ -1166,6 +1169,8 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             latents: the images' scaled latents [C, H/8, W/8] when they are already encoded (editing reuses the
                 latents of the VAE context block instead of encoding again); otherwise `vae_pixel_values` and
                 `vae_image_hw` are encoded here.
+            vit_attention: one [2, N_i] tensor per image, the ViT attention scores of a method that reads them
+                (`vscan_attention_scores`).
         Returns:
             merged tokens [sum K, D], kept packed indices [sum K] (ascending within each image), and the plans.
         """
@@ -1181,8 +1186,9 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             )
         grids = [tuple(hw) for hw in image_grid_hw.tolist()]
         per_image = features.split([h * w for h, w in grids])
+        vit_attention = vit_attention if vit_attention is not None else [None] * len(grids)
         results, kept, offset = [], [], 0
-        for image_features, grid, latent in zip(per_image, grids, latents):
+        for image_features, grid, latent, image_attention in zip(per_image, grids, latents, vit_attention):
             anchors, anchor_grid = None, None
             if latent is not None:
                 anchors, anchor_grid = build_latent_anchors(
@@ -1198,6 +1204,7 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
                 anchors,
                 anchor_grid,
                 ratio=ratio,
+                vit_attention=image_attention,
                 **config.g2tr_reduction_kwargs(),
             )
             results.append(result)
@@ -1205,6 +1212,42 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             offset += image_features.shape[0]
         tokens = torch.cat([result.tokens for result in results])
         return tokens, torch.cat(kept), results
+
+    def vscan_attention_scores(
+        self, pixel_values: torch.Tensor, image_position_ids: torch.Tensor, image_grid_hw: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The image features (`get_image_features(...).pooler_output`) and, from the same ViT pass, VScan's two
+        scores of every patch: the attention it receives in the last SigLIP layer (global scan) and in layer
+        round(5/24 * depth) (local scan), averaged over heads and over the image's query patches (SigLIP has no
+        [CLS] token). The layers' inputs are captured while the ViT runs and their q/k recomputed by hand, so the
+        ViT keeps its attention kernel.
+
+        Returns:
+            features [P, hidden_size], and one [2, N_i] fp32 tensor per image.
+        """
+        layers = self.vit_model.vision_model.encoder.layers
+        scanned = vscan_vit_layers(len(layers))
+        with capture_layer_inputs({index: layers[index] for index in scanned}) as captured:
+            features = self.get_image_features(pixel_values, image_position_ids, image_grid_hw).pooler_output
+        lengths = image_grid_hw.prod(-1).tolist()
+        with torch.no_grad():
+            per_layer = [self._siglip_received_attention(layers[index], captured[index], lengths) for index in scanned]
+        return features, [torch.stack(scores).to(features.device) for scores in zip(*per_layer)]
+
+    @staticmethod
+    def _siglip_received_attention(
+        layer: nn.Module, hidden: torch.Tensor, lengths: list[int]
+    ) -> list[torch.Tensor]:
+        """Per image, the attention each patch receives in `layer` for its (right-padded) input `hidden` [I, L, D]."""
+        attention = layer.self_attn
+        normed = layer.layer_norm1(hidden)
+        shape = (*hidden.shape[:2], attention.num_heads, attention.head_dim)
+        query = attention.q_proj(normed).view(shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(shape).transpose(1, 2)
+        return [
+            vit_received_attention(query[image, :, :length], key[image, :, :length], attention.scaling)
+            for image, length in enumerate(lengths)
+        ]
 
     def _image_block_embeddings(
         self,
@@ -1225,7 +1268,11 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
         Returns:
             embeddings [sum K, D], the kept packed patch indices [sum K] (None when nothing is reduced), the plans.
         """
-        features = self.get_image_features(pixel_values, image_position_ids, image_grid_hw).pooler_output
+        vit_attention = None
+        if ratio < 1.0 and method_needs_vit_attention(self.config.g2tr_method):
+            features, vit_attention = self.vscan_attention_scores(pixel_values, image_position_ids, image_grid_hw)
+        else:
+            features = self.get_image_features(pixel_values, image_position_ids, image_grid_hw).pooler_output
         if ratio >= 1.0:
             # The unreduced upstream path, untouched: no VAE encode, no plan.
             return features + self.vit_pos_embed(image_position_ids), None, None
@@ -1246,8 +1293,9 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
                 f"`vae_image_hw` has {vae_image_hw.shape[0]} images but `image_grid_hw` has {image_grid_hw.shape[0]}."
             )
         tokens, kept_patches, reductions = self.reduce_image_features(
-            features, image_grid_hw, vae_pixel_values, vae_image_hw, ratio, latents=latents
-        )
+            features, image_grid_hw, vae_pixel_values, vae_image_hw, ratio, latents=latents,
+            vit_attention=vit_attention,
+        )  # fmt: skip
         # Position codes of the kept tokens' ORIGINAL 2-D ids, added after merging (docs/algorithm.md).
         kept_ids = image_position_ids[kept_patches.to(image_position_ids.device)]
         return tokens + self.vit_pos_embed(kept_ids), kept_patches, reductions
@@ -1478,7 +1526,7 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             self._check_image_inputs(structure_ids, block_ids, pixel_values, image_position_ids, image_grid_hw)
             image_embeds, kept_patches, reductions = self._image_block_embeddings(
                 pixel_values, image_position_ids, image_grid_hw, vae_pixel_values, vae_image_hw,
-                1.0 if acts_in_llm(self.config.g2tr_method) else ratio,  # in-LLM methods drop in the decoder
+                ratio if acts_before_llm(self.config.g2tr_method) else 1.0,  # in-LLM-only methods: in the decoder
             )
             if kept_patches is not None:
                 kept_token_mask = kept_token_mask.clone()
@@ -1493,12 +1541,14 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             )
 
         # 2. Remove the dropped slots (each image block becomes K + 2 tokens) and re-left-pad the rows.
+        image_slots, compacted = image_tokens & kept_token_mask, None
         if not bool(kept_token_mask.all()):
             index, filled = compaction_index(kept_token_mask)
             inputs_embeds = inputs_embeds.gather(1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
             new_mask = new_mask.gather(1, index) & filled
             position_ids = position_ids.gather(1, index).masked_fill(~filled, 0)
             block_ids = block_ids.gather(1, index).masked_fill(~filled, 0)
+            image_slots, compacted = image_slots.gather(1, index) & filled, (index, filled)
 
         # 3. One decoder pass with the block-causal mask against the cache. A lone unpadded query against a growing
         # cache needs no mask; a static cache always does (its unwritten tail must stay hidden).
@@ -1509,9 +1559,9 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
             mask_4d = decoder_attention_mask(
                 self.language_model.config, layout.attention_mask.to(device), new_mask, block_ids
             )
-        # In-LLM methods (FastV, PDrop, DART) drop image tokens between decoder layers; a no-op otherwise.
+        # In-LLM methods (FastV, PDrop, DART, ...) drop image tokens between decoder layers; a no-op otherwise.
         dropper = InLLMDropper.for_call(
-            self.config, ratio, image_tokens & kept_token_mask, new_mask, position_ids, past_mask=layout.attention_mask,
+            self.config, ratio, image_slots, new_mask, position_ids, past_mask=layout.attention_mask,
             cache=past_key_values, block_ids=block_ids,
             mask_fn=lambda real, blocks: decoder_attention_mask(
                 self.language_model.config, layout.attention_mask.to(device), real, blocks
@@ -1529,7 +1579,7 @@ class G2TRBagelModel(G2TRBagelPreTrainedModel):
                 **kwargs,
             )
         new_mask, position_ids, kept_token_mask = dropper.finish(
-            past_key_values, new_mask, position_ids, kept_token_mask
+            past_key_values, new_mask, position_ids, kept_token_mask, origin=compacted
         )
         if past_key_values is not None:
             past_key_values.layout = layout.extended(new_mask, position_ids, dropped=length - new_mask.shape[1])

@@ -59,13 +59,15 @@ from .generation_g2tr import (
     inside_blocks,
     open_compact_cache,
 )
-from .in_llm import InLLMDropper, acts_in_llm
+from .baselines import capture_layer_inputs, vit_cls_attention, vscan_vit_layers
+from .in_llm import InLLMDropper, acts_before_llm
 from .reduction import (
     ReductionResult,
     anchor_encode_size,
     build_latent_anchors,
     interpolate_channels,
     method_needs_anchors,
+    method_needs_vit_attention,
     reduce_tokens,
     reduces_anything,
     resize_for_anchors,
@@ -503,6 +505,41 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
         shuffled = pixel_shuffle(grid, self.config.downsample_ratio)
         return BaseModelOutputWithPooling(last_hidden_state=vit_states, pooler_output=self.mlp1(shuffled.flatten(1, 2)))
 
+    def vscan_attention_scores(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The image features (`get_image_features(...).pooler_output`) and, from the same ViT pass, VScan's two
+        scores of every visual token: the [CLS] token's attention in the last ViT layer run (global scan) and in
+        layer round(5/24 * depth) (local scan), averaged over heads and summed over the 2 x 2 ViT patches that the
+        pixel shuffle joins into the token. The layers' inputs are captured while the ViT runs and the [CLS] query
+        row recomputed by hand (1 x (1 + patches) per head), so the ViT keeps its attention kernel.
+
+        Returns:
+            features [N, T, hidden_size], and one [2, T] fp32 tensor per image.
+        """
+        layers = self.vision_model.encoder.layers
+        num_states = len(layers) + 1
+        scanned = vscan_vit_layers(self.config.select_layer % num_states)
+        with capture_layer_inputs({index: layers[index] for index in scanned}) as captured:
+            features = self.get_image_features(pixel_values).pooler_output
+        with torch.no_grad():
+            per_layer = [self._token_cls_attention(layers[index], captured[index]) for index in scanned]
+        return features, list(torch.stack(per_layer, dim=1).to(features.device))
+
+    def _token_cls_attention(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """[CLS] attention of `layer` for its input `hidden` [N, 1 + S, D], per LLM token: [N, T] fp32."""
+        attention = layer.attn
+        normed = layer.norm1(hidden).to(hidden.dtype)
+        batch, length, _ = hidden.shape
+        qkv = attention.qkv(normed).reshape(batch, length, 3, attention.num_heads, attention.head_dim)
+        query, key = qkv[:, :1, 0], qkv[:, :, 1]  # [N, 1, H, d], [N, S + 1, H, d]
+        if attention.qk_normalization:
+            query = attention.q_norm(query.flatten(2)).view_as(query)
+            key = attention.k_norm(key.flatten(2)).view_as(key)
+        scores = vit_cls_attention(query[:, 0], key.transpose(1, 2), attention.scale)[:, 1:]  # patches only
+        side = math.isqrt(scores.shape[1])
+        factor = int(round(1.0 / self.config.downsample_ratio))
+        grouped = scores.reshape(batch, side // factor, factor, side // factor, factor).sum(dim=(2, 4))
+        return grouped.flatten(1)  # the pixel shuffle's token order
+
     # -- G2TR ----------------------------------------------------------------------------------------------------
 
     def encode_vae_latents(self, vae_pixel_values: torch.Tensor) -> torch.Tensor:
@@ -604,6 +641,7 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
         vae_pixel_values: torch.Tensor,
         vae_pixel_sizes: torch.Tensor | None,
         ratio: float,
+        vit_attention: list[torch.Tensor] | None = None,
     ) -> list[ReductionResult]:
         """Run G2TR on every image separately.
 
@@ -611,6 +649,8 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
             image_features: [N, T, hidden_size] `mlp1` outputs.
             vae_pixel_values, vae_pixel_sizes: see `get_latent_anchors`.
             ratio: keep ratio in (0, 1).
+            vit_attention: one [2, T] tensor per image for a method that reads ViT attention
+                (`vscan_attention_scores`).
         Returns:
             One `ReductionResult` per image (keep [K], tokens [K, hidden_size], ...).
         """
@@ -629,9 +669,12 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
                 None if image_anchors is None else image_anchors.to(device=features.device, dtype=features.dtype),
                 anchor_grid,
                 ratio=ratio,
+                vit_attention=image_attention,
                 **self.config.g2tr_reduction_kwargs(),
             )
-            for features, (image_anchors, anchor_grid) in zip(image_features, anchors)
+            for features, (image_anchors, anchor_grid), image_attention in zip(
+                image_features, anchors, vit_attention or [None] * image_features.shape[0]
+            )
         ]
 
     def _check_vae_inputs(self, num_images: int, vae_pixel_values: torch.Tensor | None, ratio: float) -> None:
@@ -795,11 +838,15 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
             inputs_embeds = self.apply_special_token_embeddings(inputs_embeds, token_ids)
             placeholder = self.image_placeholder_mask(token_ids)
             if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values).pooler_output
                 ratio = self.config.resolve_g2tr_ratio(g2tr_ratio)
+                vit_attention = None
+                if ratio < 1.0 and method_needs_vit_attention(self.config.g2tr_method):
+                    image_features, vit_attention = self.vscan_attention_scores(pixel_values)
+                else:
+                    image_features = self.get_image_features(pixel_values).pooler_output
                 num_images, tokens_per_image = image_features.shape[:2]
-                in_llm = acts_in_llm(self.config.g2tr_method)  # those drop in the decoder (below)
-                if not in_llm and reduces_anything(tokens_per_image, ratio, self.config.g2tr_min_keep):
+                before_llm = acts_before_llm(self.config.g2tr_method)  # in-LLM-only methods drop in the decoder
+                if before_llm and reduces_anything(tokens_per_image, ratio, self.config.g2tr_min_keep):
                     if not method_needs_anchors(self.config.g2tr_method):
                         pass  # no anchors, hence no VAE and no VAE inputs needed
                     elif self.config.g2tr_anchor_source == "vit_pixels":
@@ -807,7 +854,9 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
                         self._check_vae_inputs(num_images, vae_pixel_values, ratio)
                     else:
                         self._check_vae_inputs(num_images, vae_pixel_values, ratio)
-                    reduction = self.reduce_image_features(image_features, vae_pixel_values, vae_pixel_sizes, ratio)
+                    reduction = self.reduce_image_features(
+                        image_features, vae_pixel_values, vae_pixel_sizes, ratio, vit_attention=vit_attention
+                    )
                 inputs_embeds, drop = self.insert_image_features(inputs_embeds, placeholder, image_features, reduction)
             elif bool(placeholder.any()):
                 raise ValueError(
@@ -817,10 +866,13 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
             raise ValueError("`pixel_values` cannot be passed with `decoding_step=True` (generated tokens only).")
 
         # 2. Remove the slots of dropped visual tokens and left-pad the rows again; positions follow the cache.
+        image_slots = placeholder if image_features is not None else torch.zeros_like(token_ids, dtype=torch.bool)
+        image_slots, compacted = image_slots.to(device), None
         if drop is not None:
             index, filled = compaction_index(~drop)
             inputs_embeds = inputs_embeds.gather(1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
             new_mask = new_mask.gather(1, index) & filled
+            image_slots, compacted = image_slots.gather(1, index) & filled, (index, filled)
         if position_ids is not None and (drop is not None or layout.dropped):
             raise ValueError(
                 "`position_ids` cannot be used once visual tokens are removed: the model derives the positions of "
@@ -829,10 +881,9 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
         if position_ids is None:
             position_ids = positions_after(layout.next_position.to(device), new_mask)
 
-        # In-LLM methods (FastV, PDrop, DART) drop image tokens between decoder layers; a no-op otherwise.
-        image_slots = placeholder if image_features is not None else torch.zeros_like(token_ids, dtype=torch.bool)
+        # In-LLM methods (FastV, PDrop, DART, ...) drop image tokens between decoder layers; a no-op otherwise.
         dropper = InLLMDropper.for_call(
-            self.config, self.config.resolve_g2tr_ratio(g2tr_ratio), image_slots.to(device), new_mask, position_ids,
+            self.config, self.config.resolve_g2tr_ratio(g2tr_ratio), image_slots, new_mask, position_ids,
             past_mask=layout.attention_mask.to(device), cache=past_key_values,
             grids=None if image_features is None else [(self.config.image_grid_size,) * 2] * image_features.shape[0],
         )  # fmt: skip
@@ -846,8 +897,9 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
                 **kwargs,
             )
         if dropper.active:
+            kept = torch.ones_like(token_ids, dtype=torch.bool) if drop is None else ~drop
             new_mask, position_ids, kept = dropper.finish(
-                past_key_values, new_mask, position_ids, torch.ones_like(token_ids, dtype=torch.bool)
+                past_key_values, new_mask, position_ids, kept.to(device), origin=compacted
             )
             drop = ~kept
         if past_key_values is not None:

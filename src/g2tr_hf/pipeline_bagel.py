@@ -59,6 +59,7 @@ from transformers import DynamicCache, Pipeline
 from transformers.utils import logging
 
 from .generation_g2tr import CacheLayout, as_compact_cache, stored_length
+from .in_llm import refuse_in_llm_methods
 from .pipeline_utils import (
     ModelCpuOffloadMixin,
     PerCallPipelineMixin,
@@ -434,6 +435,8 @@ class G2TRBagelPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline):
             cfg_renorm_type, cfg_renorm_min, timestep_shift, height, width, think, max_think_tokens, output_type,
             num_images_per_prompt=num_images_per_prompt, return_dict=return_dict,
         )  # fmt: skip
+        if any(request.images for request in requests):
+            refuse_in_llm_methods(self.model.config, g2tr_ratio, "editing")
         callback, callback_inputs = check_callback(
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )

@@ -52,6 +52,7 @@ from transformers.utils import logging
 
 from .compat import CACHE_KWARG
 from .generation_g2tr import compaction_index
+from .in_llm import refuse_in_llm_methods
 from .modeling_internvlu_gen import G2TRInternVLUGenerationDecoder, MMDiTConditioning
 from .pipeline_utils import (
     ModelCpuOffloadMixin,
@@ -66,7 +67,14 @@ from .pipeline_utils import (
     expand_generators,
 )
 from .processing_internvlu import IMAGE_PLACEHOLDER, normalize_question, to_rgb_image
-from .reduction import ReductionResult, build_latent_anchors, interpolate_channels, reduce_tokens, reduces_anything
+from .reduction import (
+    ReductionResult,
+    build_latent_anchors,
+    interpolate_channels,
+    method_needs_vit_attention,
+    reduce_tokens,
+    reduces_anything,
+)
 
 
 try:
@@ -447,6 +455,8 @@ class G2TRInternVLUPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline
             timestep_shift, timestep_trunc, height, width, think, max_think_tokens, g2tr_mode, output_type,
             num_images_per_prompt=num_images_per_prompt, return_dict=return_dict,
         )  # fmt: skip
+        if any(request.images for request in requests):
+            refuse_in_llm_methods(self.model.config, g2tr_ratio, "editing")
         callback, callback_inputs = check_callback(
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
@@ -560,16 +570,22 @@ class G2TRInternVLUPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline
             )
 
     def reduce_images(
-        self, features: torch.Tensor, references: list[dict[str, Any]], ratio: float
+        self,
+        features: torch.Tensor,
+        references: list[dict[str, Any]],
+        ratio: float,
+        vit_attention: list[torch.Tensor] | None = None,
     ) -> list[ReductionResult] | None:
-        """G2TR plan of every input image from its reference latent (the anchors); None when nothing is reduced."""
+        """G2TR plan of every input image from its reference latent (the anchors); None when nothing is reduced.
+        `vit_attention` (one [2, T] per image) feeds a method that ranks by the ViT's attention (`vscan_vit`)."""
         config = self.model.config
         tokens_per_image = features.shape[1]
         if not references or not reduces_anything(tokens_per_image, ratio, config.g2tr_min_keep):
             return None
         side = config.image_grid_size
         plans = []
-        for image_features, reference in zip(features, references):
+        vit_attention = vit_attention or [None] * len(references)
+        for image_features, reference, image_attention in zip(features, references, vit_attention):
             anchors, anchor_grid = build_latent_anchors(
                 reference["latent"],
                 pool=config.g2tr_latent_pool,
@@ -578,7 +594,7 @@ class G2TRInternVLUPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline
             plans.append(
                 reduce_tokens(
                     image_features, (side, side), anchors.to(image_features), anchor_grid, ratio=ratio,
-                    **config.g2tr_reduction_kwargs(),
+                    vit_attention=image_attention, **config.g2tr_reduction_kwargs(),
                 )  # fmt: skip
             )
         return plans
@@ -697,8 +713,12 @@ class G2TRInternVLUPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline
         features = plans = None
         if references:
             vit_pixels = torch.cat([reference["vit_pixels"] for reference in references])
-            features = self._base.get_image_features(vit_pixels).pooler_output
-            plans = self.reduce_images(features, references, ratio)
+            vit_attention = None
+            if ratio < 1.0 and method_needs_vit_attention(config.g2tr_method):
+                features, vit_attention = self._base.vscan_attention_scores(vit_pixels)
+            else:
+                features = self._base.get_image_features(vit_pixels).pooler_output
+            plans = self.reduce_images(features, references, ratio, vit_attention)
         thought, suffixes = None, None
         if think:
             thought, suffixes = self.think(rows, features, plans, g2tr_mode, max_think_tokens, show_progress)

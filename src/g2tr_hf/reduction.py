@@ -43,6 +43,7 @@ __all__ = [
     "reduces_anything",
     "latent_cell_index",
     "method_needs_anchors",
+    "method_needs_vit_attention",
     "reduce_tokens",
     "reduce_tokens_batched",
     "register_method",
@@ -207,6 +208,7 @@ class SelectionInputs:
     occupied_cells: int
     seed: int
     features: torch.Tensor | None = None  # [N, D] the tokens being reduced (in their own dtype)
+    vit_attention: torch.Tensor | None = None  # [S, N] fp32 per-token ViT attention scores (`needs_vit_attention`)
 
 
 @dataclass(frozen=True)
@@ -232,18 +234,24 @@ class SelectionMethod(Protocol):
 
 _METHODS: dict[str, SelectionMethod] = {}
 _NEEDS_ANCHORS: dict[str, bool] = {}
+_NEEDS_VIT_ATTENTION: dict[str, bool] = {}
 
 
-def register_method(name: str, *, needs_anchors: bool = True) -> Callable[[SelectionMethod], SelectionMethod]:
+def register_method(
+    name: str, *, needs_anchors: bool = True, needs_vit_attention: bool = False
+) -> Callable[[SelectionMethod], SelectionMethod]:
     """Decorator adding a selection method to the registry under `name` (the value of `method=`/`g2tr_method`).
 
     `needs_anchors=False` declares that the method never reads the latent-consistency scores or cells, so the
-    models skip the VAE encode of the anchors for it (and run without a VAE at all).
+    models skip the VAE encode of the anchors for it (and run without a VAE at all). `needs_vit_attention=True`
+    declares that it reads `SelectionInputs.vit_attention`, per-token scores taken from the ViT's own attention,
+    which the models then compute while their ViT runs (`reduce_tokens(vit_attention=...)`).
     """
 
     def decorator(fn: SelectionMethod) -> SelectionMethod:
         _METHODS[name] = fn
         _NEEDS_ANCHORS[name] = bool(needs_anchors)
+        _NEEDS_VIT_ATTENTION[name] = bool(needs_vit_attention)
         return fn
 
     return decorator
@@ -252,6 +260,11 @@ def register_method(name: str, *, needs_anchors: bool = True) -> Callable[[Selec
 def method_needs_anchors(name: str) -> bool:
     """Whether the registered method `name` uses the VAE-latent anchors (unknown names: True, the safe answer)."""
     return _NEEDS_ANCHORS.get(name, True)
+
+
+def method_needs_vit_attention(name: str) -> bool:
+    """Whether the registered method `name` reads per-token ViT attention scores (`reduce_tokens(vit_attention=)`)."""
+    return _NEEDS_VIT_ATTENTION.get(name, False)
 
 
 def available_methods() -> list[str]:
@@ -514,6 +527,28 @@ def _check_inputs(features, grid, anchors, anchor_grid) -> tuple[tuple[int, int]
     return grid, anchor_grid
 
 
+def _check_vit_attention(vit_attention, num_tokens: int, method: str) -> torch.Tensor:
+    """The `vit_attention` argument of `reduce_tokens` as fp32 [S, N], or a ValueError naming what is wrong."""
+    if vit_attention is None:
+        raise ValueError(
+            f"method {method!r} ranks tokens by the ViT's own attention: pass `vit_attention` ([S, {num_tokens}] "
+            "scores per token). The g2tr_hf models compute it while their ViT runs."
+        )
+    if (
+        not isinstance(vit_attention, torch.Tensor)
+        or vit_attention.dim() != 2
+        or vit_attention.shape[1] != num_tokens
+        or not vit_attention.is_floating_point()
+    ):
+        raise ValueError(
+            f"`vit_attention` must be a floating-point tensor of shape [S, {num_tokens}] (one row per score, one "
+            f"column per token), got {type(vit_attention).__name__} {tuple(getattr(vit_attention, 'shape', ()))}."
+        )
+    if not torch.isfinite(vit_attention).all():
+        raise ValueError("`vit_attention` contains non-finite values (NaN or inf).")
+    return vit_attention.float()
+
+
 def _raise_non_finite(features: torch.Tensor, anchors: torch.Tensor) -> None:
     name = "features" if not torch.isfinite(features).all() else "anchors"
     raise ValueError(f"`{name}` contains non-finite values (NaN or inf); scores must be finite.")
@@ -532,6 +567,7 @@ def reduce_tokens(
     merge_scaling: float = 1.0,
     cell_mapping: str = "corner",
     seed: int = 0,
+    vit_attention: torch.Tensor | None = None,
 ) -> ReductionResult:
     """Reduce the tokens of ONE image with G2TR (or another registered method).
 
@@ -549,6 +585,8 @@ def reduce_tokens(
         merge_scaling: weight of the kept token in the average.
         cell_mapping: "corner" (official: the cell holding the token's top-left corner) or "center".
         seed: seed of the "random" method.
+        vit_attention: [S, N] per-token scores from the ViT's attention, for a method registered with
+            `needs_vit_attention=True` (`vscan`: row 0 the global scan's, row 1 the local scan's); ignored otherwise.
     Returns:
         `ReductionResult` with keep [K], tokens [K, D], scores [N], assignment [N].
     """
@@ -575,6 +613,8 @@ def reduce_tokens(
     if not reduces_anything(num_tokens, ratio, min_keep):
         everything = torch.arange(num_tokens, device=features.device)
         return ReductionResult(everything, features, scores, everything.clone(), merge, float(merge_scaling))
+    if method_needs_vit_attention(method):
+        vit_attention = _check_vit_attention(vit_attention, num_tokens, method).to(features.device)
 
     if uses_anchors:
         cells = latent_cell_index(grid, anchor_grid, cell_mapping, device=features.device)
@@ -591,6 +631,7 @@ def reduce_tokens(
         occupied_cells=occupied,
         seed=seed,
         features=features,
+        vit_attention=vit_attention if method_needs_vit_attention(method) else None,
     )
     selection = _METHODS[method](inputs)
     own_assignment = None

@@ -83,14 +83,14 @@ def test_bench_run_writes_tables_and_png(name, tmp_path):
     samples = [BenchSample([builtin_samples(64)[0].images[0]], "what is it?", "one")]
     edit = name == "bagel"
     result = run_bench(
-        model, processor, samples, ["random", "g2tr-no-merge", "fastv"], [0.5], repeats=1, warmup=0,
+        model, processor, samples, ["random", "g2tr-no-merge", "fastv", "vscan"], [0.5], repeats=1, warmup=0,
         max_new_tokens=2, edit=edit, edit_steps=2, progress=False, model_name=f"tiny-{name}",
     )  # fmt: skip
-    reference, *pre_llm, in_llm = result.rows
+    reference, *pre_llm, in_llm, vscan = result.rows
     assert reference.method == "unreduced" and reference.ratio == 1.0
     assert reference.next_token_kl == pytest.approx(0.0, abs=1e-6)
     assert reference.top1_agreement == reference.greedy_exact_match == 1.0 and reference.prefill_speedup == 1.0
-    for row in [*pre_llm, in_llm]:
+    for row in [*pre_llm, in_llm, vscan]:
         assert row.kv_entries < reference.kv_entries and row.prefill_gflops < reference.prefill_gflops
         assert row.next_token_kl >= 0 and row.prefill_ms > 0 and row.decode_ms_per_token > 0
     for row in pre_llm:  # pre-LLM: fewer tokens enter, and every layer sees them all
@@ -99,13 +99,17 @@ def test_bench_run_writes_tables_and_png(name, tmp_path):
     assert in_llm.tokens_in_llm == reference.tokens_in_llm and in_llm.kv_entries < in_llm.avg_tokens
     assert in_llm.avg_tokens < in_llm.tokens_in_llm and in_llm.kv_entries == pre_llm[0].kv_entries
     assert pre_llm[0].extra_gflops == 0 and pre_llm[1].extra_gflops > 0  # only G2TR encodes anchors
+    # VScan: its ViT stage lets in what the pre-LLM methods let in, its LLM stage halves that at the middle layer;
+    # the hand-computed ViT attention scores are its extra work
+    assert vscan.tokens_in_llm == pre_llm[0].tokens_in_llm and vscan.kv_entries < pre_llm[0].kv_entries
+    assert vscan.kv_entries < vscan.avg_tokens < vscan.tokens_in_llm and vscan.extra_gflops > 0
     if edit:
         assert reference.velocity_rel_error == 0 and reference.edit_psnr_db == math.inf
         assert all(row.velocity_rel_error > 0 and math.isfinite(row.edit_psnr_db) for row in pre_llm)
-        assert math.isnan(in_llm.edit_psnr_db)  # the editing pipeline refuses in-LLM methods
+        assert math.isnan(in_llm.edit_psnr_db) and math.isnan(vscan.edit_psnr_db)  # editing refuses in-LLM methods
     paths = write_reports(result, tmp_path / "out")
     rows = list(csv.DictReader(paths["csv"].open()))
-    assert [r["method"] for r in rows] == ["unreduced", "random", "g2tr-no-merge", "fastv"]
+    assert [r["method"] for r in rows] == ["unreduced", "random", "g2tr-no-merge", "fastv", "vscan"]
     table = paths["markdown"].read_text()
     assert "| Method | Ratio | Tokens in LLM | Avg. Tokens |" in table and ("PSNR dB" in table) == edit
     with PIL.Image.open(paths["png"]) as png:

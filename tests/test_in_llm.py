@@ -235,7 +235,8 @@ def test_method_on_both_models(models, unreduced, method):
                         entered = sdpa(**single, g2tr_ratio=RATIO, use_cache=True)
                     before = output_cache(entered), entered.kept_token_mask[0]
                     assert [p.num_kept for p in out.image_reductions] == [p.num_kept for p in entered.image_reductions]
-                    assert all(torch.equal(a.keep, b.keep) for a, b in zip(out.image_reductions, entered.image_reductions))
+                    pairs = zip(out.image_reductions, entered.image_reductions)
+                    assert all(torch.equal(a.keep, b.keep) for a, b in pairs)
                 stored_before = kept[before[1]]  # which of the entries cached before the drop survive it
                 # the positions the decoder gave them (InternVL-U numbers a pre-LLM-reduced prompt afresh)
                 assert torch.equal(cache.layout.position_ids[0], before[0].layout.position_ids[0][stored_before])

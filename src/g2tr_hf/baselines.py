@@ -14,7 +14,7 @@ gets. None of them needs the VAE anchors, so the models skip the anchor encode f
 | `divprune` | greedy max-min diversity on cosine distance | averaged into the most cosine-similar kept token |
 | `visionzip` | "dominant" tokens by received attention + strided "contextual" targets | the rest into their target |
 | `tome` | the destinations of repeated bipartite soft matching | into their matched token (size-weighted means) |
-| `vscan_vit` | VScan's ViT stage: half by the ViT's last-layer attention (global scan), half per 6 x 6 window by a shallow layer's (local scan) | averaged into the most cosine-similar kept token |
+| `vscan_vit` | half by last-layer ViT attention, half per 6 x 6 window by a shallow layer's | averaged into the most cosine-similar kept token |
 
 `vscan` (both VScan stages) runs `vscan_vit` before the LLM and then drops tokens once more at the middle decoder
 layer (`in_llm`). The two ViT scores are the only ones here taken from the ViT itself (`needs_vit_attention`): the

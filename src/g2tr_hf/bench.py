@@ -38,7 +38,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .baselines import reduction_options, resolve_method
 from .in_llm import acts_in_llm, drop_schedule, layer_token_counts
-from .profiling import _count_anchor_encode, _image_markers, account_request, decoder_shape, kv_cache_bytes
+from .profiling import _count_reduction_overhead, _image_markers, account_request, decoder_shape, kv_cache_bytes
 from .profiling import prefill_flops, prompt_segments
 from .reduction import keep_count
 
@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 DEFAULT_METHODS = (
-    "g2tr", "random", "pool", "divprune", "visionzip", "tome", "fastv", "wfastv", "pdrop", "dart", "ivcprune",
+    "g2tr", "random", "pool", "divprune", "visionzip", "tome", "fastv", "wfastv", "pdrop", "dart", "ivcprune", "vscan",
 )  # fmt: skip
 DEFAULT_RATIOS = (0.25, 0.5)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -279,9 +279,9 @@ def _model_inputs(model, processor, sample: BenchSample) -> dict:
 def _budget(model, inputs: dict, output, ratio: float) -> tuple[int, float, int, int, int]:
     """(tokens entering the LLM, layer-averaged tokens, KV entries per layer, KV bytes, analytic prefill FLOPs).
 
-    Pre-LLM methods: every layer sees the tokens that entered. In-LLM methods: all prompt tokens enter, each layer
-    sees what the schedule left by then (`in_llm.layer_token_counts`), and after prefill every layer caches the
-    final kept set; the FLOPs are summed layer by layer over those counts.
+    Pre-LLM methods: every layer sees the tokens that entered. In-LLM methods: all prompt tokens enter (`vscan`: what
+    its ViT stage kept), each layer sees what the schedule left by then (`in_llm.layer_token_counts`), and after
+    prefill every layer caches the final kept set; the FLOPs are summed layer by layer over those counts.
     """
     config = model.config
     shape = decoder_shape(config.get_text_config())
@@ -307,23 +307,25 @@ def _budget(model, inputs: dict, output, ratio: float) -> tuple[int, float, int,
         # Every layer sees the tokens that entered, so the layer average equals the entry count.
         return stored, float(stored), accounting.kv_entries[1], accounting.kv_bytes[1], accounting.prefill_flops[1]
     schedule = drop_schedule(config.g2tr_method, shape.num_layers, ratio)
-    counts = layer_token_counts(schedule, shape.num_layers, full_blocks, row.numel() - sum(full_blocks),
+    entering = row.numel() - sum(full_blocks) + sum(kept)
+    counts = layer_token_counts(schedule, shape.num_layers, kept, row.numel() - sum(full_blocks),
                                 config.g2tr_min_keep)  # fmt: skip
     one_layer = replace(shape, num_layers=1)
     lm_head = 2 * shape.hidden_size * shape.vocab_size
     flops = lm_head
     for layer in range(shape.num_layers):
         done = [keep for drop, keep in zip(schedule.drop_layers, schedule.keep) if drop <= layer]
-        layer_kept = [keep_count(n, done[-1], config.g2tr_min_keep) if done else n for n in full_blocks]
+        layer_kept = [keep_count(n, done[-1], config.g2tr_min_keep) if done else n for n in kept]
         segments = prompt_segments(row, start_id, end_id, layer_kept, bidirectional)
         flops += prefill_flops(segments, one_layer) - lm_head
-    return row.numel(), sum(counts) / len(counts), stored, kv_cache_bytes(stored, shape, bytes_per_value), flops
+    return entering, sum(counts) / len(counts), stored, kv_cache_bytes(stored, shape, bytes_per_value), flops
 
 
 def _measure_once(model, inputs: dict, config: _Config, max_new_tokens: int) -> _Measure:
-    """Untimed run: budget, next-token logits, greedy answer (and the anchor-encode FLOPs the method adds)."""
+    """Untimed run: budget, next-token logits, greedy answer (and the FLOPs the method adds outside the decoder:
+    anchor encodes, VScan's ViT attention scores)."""
     with config.context(model), torch.inference_mode():
-        output, extra = _count_anchor_encode(
+        output, extra = _count_reduction_overhead(
             model, lambda: model(**inputs, use_cache=True, g2tr_ratio=config.call_ratio)
         )
         generated = model.generate(

@@ -255,26 +255,43 @@ def _median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _count_anchor_encode(model, run):
-    """`run()` and the FLOPs of the base model's `encode_vae_latents` calls inside it (however the encode is done:
-    InternVL-U's single-frame path convolves functionally, outside any VAE module)."""
+# Methods of the backbones whose work a reduction adds on top of the unreduced forward: the anchor encode (G2TR)
+# and VScan's hand-computed ViT attention scores.
+_ANCHOR_ENCODE = ("encode_vae_latents",)
+_REDUCTION_OVERHEAD = ("encode_vae_latents", "_siglip_received_attention", "_token_cls_attention")
+
+
+def _count_anchor_encode(model, run, names: tuple[str, ...] = _ANCHOR_ENCODE):
+    """`run()` and the FLOPs of the base model's `names` methods called inside it (by default `encode_vae_latents`,
+    however the encode is done: InternVL-U's single-frame path convolves functionally, outside any VAE module)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     base = model.model
-    encode, flops = base.encode_vae_latents, 0
+    flops = 0
 
-    def counted(*args, **kwargs):
-        nonlocal flops
-        with FlopCounterMode(display=False) as counter:
-            output = encode(*args, **kwargs)
-        flops += counter.get_total_flops()
-        return output
+    def counting(method):
+        def counted(*args, **kwargs):
+            nonlocal flops
+            with FlopCounterMode(display=False) as counter:
+                output = method(*args, **kwargs)
+            flops += counter.get_total_flops()
+            return output
 
-    base.encode_vae_latents = counted
+        return counted
+
+    wrapped = [name for name in names if hasattr(base, name)]
+    for name in wrapped:
+        setattr(base, name, counting(getattr(base, name)))
     try:
         return run(), flops
     finally:
-        del base.encode_vae_latents
+        for name in wrapped:
+            delattr(base, name)
+
+
+def _count_reduction_overhead(model, run):
+    """`run()` and the FLOPs a reduction adds inside it: anchor encodes and VScan's ViT attention scores."""
+    return _count_anchor_encode(model, run, _REDUCTION_OVERHEAD)
 
 
 def profile_request(model, inputs: Mapping[str, torch.Tensor], *, g2tr_ratio: float | None = None, repeats: int = 3):

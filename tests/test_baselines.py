@@ -234,3 +234,28 @@ def test_reduction_options_rejects_unknown_fields(tiny):
     with pytest.raises(ValueError, match="colour"):
         with reduction_options(model, colour=1):
             pass
+
+
+@pytest.mark.parametrize("first", ["reduction", "baselines", "in_llm", "configuration_g2tr"])
+def test_registry_modules_import_in_any_order(first, tmp_path, monkeypatch):
+    """A Hub folder holds these modules flat and transformers may import any of them first (a pipeline file, a
+    config file): no import cycle, and once a config module is loaded every method is registered, VScan's selection
+    (not the in-LLM refusal) under `vscan`."""
+    import importlib
+    import shutil
+    from pathlib import Path
+
+    import g2tr_hf
+
+    package = f"flat_{first}"
+    (tmp_path / package).mkdir()
+    source = Path(g2tr_hf.__file__).parent
+    for name in ("reduction", "baselines", "in_llm", "generation_g2tr", "compat", "configuration_g2tr"):
+        shutil.copy(source / f"{name}.py", tmp_path / package)
+    (tmp_path / package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module(f"{package}.{first}")
+    importlib.import_module(f"{package}.configuration_g2tr")
+    registry = importlib.import_module(f"{package}.reduction")
+    assert {"vscan", "vscan_vit", "fastv", "divprune", "g2tr"} <= set(registry.available_methods())
+    assert registry._METHODS["vscan"] is importlib.import_module(f"{package}.baselines")._select_vscan_vit

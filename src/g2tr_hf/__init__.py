@@ -36,7 +36,7 @@ from .reduction import (
 from .tiny import build_tiny, build_tiny_internvlu_generation
 
 
-# After `reduction` (imported by the configurations above), which registers the baselines when it loads.
+# After the configurations above, whose import registers the baselines in `reduction`'s registry.
 from .baselines import reduction_options, resolve_method  # noqa: E402
 
 

@@ -71,8 +71,9 @@ from .reduction import (
     available_methods,
     register_method,
     validate_reduction_options,
+    window_cells,
+    window_select,
 )
-from .in_llm import _window_select, window_cells
 
 
 __all__ = [
@@ -307,7 +308,7 @@ def _select_vscan_vit(inputs: SelectionInputs) -> SelectionPlan:
     taken = torch.zeros(global_scores.numel(), dtype=torch.bool, device=device).index_fill_(0, global_keep, True)
     rest = (~taken).nonzero().flatten()
     windows = window_cells(inputs.grid, VSCAN_WINDOW, device).index_select(0, rest)
-    local_keep = rest.index_select(0, _window_select(local_scores.index_select(0, rest), windows, k - num_global))
+    local_keep = rest.index_select(0, window_select(local_scores.index_select(0, rest), windows, k - num_global))
     return SelectionPlan(torch.sort(torch.cat([global_keep, local_keep])).values, None, global_scores)
 
 

@@ -11,6 +11,12 @@ from transformers import PreTrainedConfig
 
 from .reduction import validate_anchor_scale, validate_reduction_options
 
+# The baselines register their methods in `reduction`'s registry when imported; importing them with the config
+# (which every model, pipeline and Hub folder loads first) makes every method name valid wherever a config exists,
+# and ships their files with a Hub folder's remote code. `reduction` itself imports neither, so there is no cycle.
+from .baselines import METHOD_PRESETS as _METHOD_PRESETS  # noqa: E402,F401
+from .in_llm import IN_LLM_METHODS as _IN_LLM_METHODS  # noqa: E402,F401
+
 
 class G2TRConfig(PreTrainedConfig):
     r"""

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 from .generation_g2tr import compaction_index
 from .reduction import SelectionInputs, keep_count, register_method
+from .reduction import window_cells, window_select as _window_select  # noqa: F401 (W-FastV; re-exported)
 
 
 __all__ = [
@@ -315,35 +316,6 @@ def last_token_attention(
 def _top(values: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest `values`, ties to the lower index."""
     return torch.sort(values, descending=True, stable=True).indices[:k]
-
-
-def window_cells(grid: tuple[int, int], window: int, device=None) -> torch.Tensor:
-    """Window index of every token of a row-major (h, w) grid cut into `window` x `window` windows, [h*w]."""
-    h, w = grid
-    rows = torch.arange(h, device=device) // window
-    cols = torch.arange(w, device=device) // window
-    return (rows[:, None] * (-(-w // window)) + cols[None, :]).reshape(-1)
-
-
-def _window_select(scores: torch.Tensor, windows: torch.Tensor, k: int) -> torch.Tensor:
-    """The k best tokens with at most ceil(k / #windows) per window, filled from the best of the rest if short.
-
-    Args:
-        scores: [N]; windows: [N] window of every token; k: the budget.
-    Returns:
-        LongTensor [k] local indices.
-    """
-    num_windows = int(windows.max()) + 1
-    quota = -(-k // num_windows)
-    by_score = torch.sort(scores, descending=True, stable=True).indices
-    order = by_score[torch.sort(windows.index_select(0, by_score), stable=True).indices]  # window, then score
-    counts = torch.bincount(windows, minlength=num_windows)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_in_window = torch.empty_like(order)
-    rank_in_window[order] = torch.arange(order.numel(), device=order.device) - starts.index_select(0, windows[order])
-    eligible = rank_in_window < quota
-    # Eligible tokens first (by score), then the rest (by score): the first k are the answer.
-    return by_score[torch.sort((~eligible).index_select(0, by_score).to(torch.uint8), stable=True).indices[:k]]
 
 
 def _dart_select(hidden: torch.Tensor, key_norm: torch.Tensor, image: torch.Tensor, text_pivots: torch.Tensor, k: int):

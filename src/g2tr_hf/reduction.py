@@ -680,6 +680,40 @@ def reduce_tokens_batched(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Spatial windows (W-FastV's and VScan's local scan)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def window_cells(grid: tuple[int, int], window: int, device=None) -> torch.Tensor:
+    """Window index of every token of a row-major (h, w) grid cut into `window` x `window` windows, [h*w]."""
+    h, w = grid
+    rows = torch.arange(h, device=device) // window
+    cols = torch.arange(w, device=device) // window
+    return (rows[:, None] * (-(-w // window)) + cols[None, :]).reshape(-1)
+
+
+def window_select(scores: torch.Tensor, windows: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best tokens with at most ceil(k / #windows) per window, filled from the best of the rest if short.
+
+    Args:
+        scores: [N]; windows: [N] window of every token; k: the budget.
+    Returns:
+        LongTensor [k] local indices.
+    """
+    num_windows = int(windows.max()) + 1
+    quota = -(-k // num_windows)
+    by_score = torch.sort(scores, descending=True, stable=True).indices
+    order = by_score[torch.sort(windows.index_select(0, by_score), stable=True).indices]  # window, then score
+    counts = torch.bincount(windows, minlength=num_windows)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_window = torch.empty_like(order)
+    rank_in_window[order] = torch.arange(order.numel(), device=order.device) - starts.index_select(0, windows[order])
+    eligible = rank_in_window < quota
+    # Eligible tokens first (by score), then the rest (by score): the first k are the answer.
+    return by_score[torch.sort((~eligible).index_select(0, by_score).to(torch.uint8), stable=True).indices[:k]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Latent anchors
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -824,9 +858,3 @@ def resize_for_anchors(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     resized = F.interpolate(batched.float(), size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
     resized = resized.to(pixels.dtype)
     return resized if pixels.dim() == 4 else resized[0]
-
-
-# The baseline methods register themselves in the registry above; importing them here makes every method name valid
-# wherever `reduction` is imported (and ships them with the remote code of a Hub folder).
-from .baselines import METHOD_PRESETS as _METHOD_PRESETS  # noqa: E402,F401
-from .in_llm import IN_LLM_METHODS as _IN_LLM_METHODS  # noqa: E402,F401

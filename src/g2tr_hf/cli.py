@@ -937,7 +937,8 @@ def _add_bench_command(commands: argparse._SubParsersAction) -> None:
                        f"{' / '.join(TINY_MODEL_NAMES)} (default tiny-bagel)")  # fmt: skip
     bench.add_argument("--data", help="a folder of images (optionally with questions.json / questions.csv), or a "
                        ".json / .csv file of image + question (default: a small generated set)")  # fmt: skip
-    bench.add_argument("--methods", default="g2tr,random,pool,divprune,visionzip,tome,fastv,wfastv,pdrop,dart,ivcprune",
+    bench.add_argument("--methods",
+                       default="g2tr,random,pool,divprune,visionzip,tome,fastv,wfastv,pdrop,dart,ivcprune,vscan",
                        help="comma-separated presets or registered methods, options as name:key=value")  # fmt: skip
     bench.add_argument("--ratios", default="0.25,0.5", help="comma-separated keep ratios (default 0.25,0.5)")
     bench.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")

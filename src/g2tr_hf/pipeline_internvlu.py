@@ -718,7 +718,9 @@ class G2TRInternVLUPipeline(PerCallPipelineMixin, ModelCpuOffloadMixin, Pipeline
                 features, vit_attention = self._base.vscan_attention_scores(vit_pixels)
             else:
                 features = self._base.get_image_features(vit_pixels).pooler_output
-            plans = self.reduce_images(features, references, ratio, vit_attention)
+            # (passed only when there are scores, so an override of `reduce_images` without the argument still works)
+            extra = {} if vit_attention is None else {"vit_attention": vit_attention}
+            plans = self.reduce_images(features, references, ratio, **extra)
         thought, suffixes = None, None
         if think:
             thought, suffixes = self.think(rows, features, plans, g2tr_mode, max_think_tokens, show_progress)

@@ -144,9 +144,9 @@ def _dense_received_attention(query: torch.Tensor, key: torch.Tensor, scaling: f
 def test_received_attention_in_row_blocks_equals_the_dense_maps(monkeypatch):
     import g2tr_hf.baselines as baselines
 
-    monkeypatch.setattr(baselines, "_ROW_BLOCK", 7)  # several blocks, the last one short
+    monkeypatch.setattr(baselines, "_SCORE_BLOCK_ELEMENTS", 3 * 30 * 7)  # blocks of 7 rows, the last one short
     generator = torch.Generator().manual_seed(0)
-    query, key = torch.randn(3, 30, 8, generator=generator), torch.randn(3, 30, 8, generator=generator)
+    query, key = 3 * torch.randn(3, 30, 8, generator=generator), 3 * torch.randn(3, 30, 8, generator=generator)
     expected = _dense_received_attention(query, key, 8**-0.5)
     torch.testing.assert_close(vit_received_attention(query, key, 8**-0.5), expected)
 

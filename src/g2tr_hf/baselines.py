@@ -99,6 +99,8 @@ VSCAN_LOCAL_LAYER_SHARE = 5 / 24
 
 # Row blocks of the N x N similarity computations: bounds the memory of one step at 1024 x N floats.
 _ROW_BLOCK = 1024
+# Floats per block of VScan's received-attention maps (heads x rows x N): small enough to stay in a CPU's cache.
+_SCORE_BLOCK_ELEMENTS = 1 << 22
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,14 +273,21 @@ def vit_received_attention(query: torch.Tensor, key: torch.Tensor, scaling: floa
 
     Args:
         query, key: [H, N, d] one image's heads (no padding). scaling: the layer's logit scale (1/sqrt(d)).
-    The N x N maps are built `_ROW_BLOCK` query rows at a time, so memory stays at H x `_ROW_BLOCK` x N floats.
+    The maps are built a few query rows at a time (about `_SCORE_BLOCK_ELEMENTS` floats, which stays in cache),
+    exponentiated in place, and their normalised column sums taken as one matrix-vector product, so no second
+    N-wide tensor is allocated (on a 2-core CPU at BAGEL's 4900 patches, one layer's scores went from 1403 ms with
+    1024-row blocks and `softmax` to 581 ms).
     """
     heads, num_tokens = query.shape[:2]
     keys = key.float().transpose(-1, -2)
+    queries = query.float() * scaling
     total = keys.new_zeros(num_tokens)
-    for start in range(0, num_tokens, _ROW_BLOCK):
-        logits = query[:, start : start + _ROW_BLOCK].float() @ keys * scaling  # [H, rows, N]
-        total += logits.softmax(dim=-1).sum(dim=(0, 1))
+    rows = max(1, _SCORE_BLOCK_ELEMENTS // (heads * num_tokens))
+    for start in range(0, num_tokens, rows):
+        weights = queries[:, start : start + rows] @ keys  # [H, rows, N] logits, made softmax numerators in place
+        weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
+        inverse_sums = weights.sum(dim=-1).reciprocal_()  # [H, rows]
+        total += (inverse_sums.reshape(1, -1) @ weights.reshape(-1, num_tokens))[0]
     return total / (heads * num_tokens)
 
 

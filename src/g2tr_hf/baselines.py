@@ -97,9 +97,8 @@ VSCAN_GLOBAL_SHARE = 0.5
 VSCAN_WINDOW = 6
 VSCAN_LOCAL_LAYER_SHARE = 5 / 24
 
-# Row blocks of the N x N similarity computations: bounds the memory of one step at 1024 x N floats.
-_ROW_BLOCK = 1024
-# Floats per block of VScan's received-attention maps (heads x rows x N): small enough to stay in a CPU's cache.
+# Floats per block of the received-attention maps (heads x rows x N; VisionZip, VScan): small enough to stay in a
+# CPU's cache, and a bound on the memory of one step.
 _SCORE_BLOCK_ELEMENTS = 1 << 22
 
 
@@ -121,16 +120,11 @@ def _rows_of(keep: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def received_attention(features: torch.Tensor) -> torch.Tensor:
     """Mean attention each token receives in softmax(X X^T / sqrt(D)) over the tokens themselves, [N] fp32.
 
-    The [CLS]-attention stand-in of `visionzip` (see the module docstring). Computed in row blocks, so memory stays
-    at `_ROW_BLOCK` x N.
+    The [CLS]-attention stand-in of `visionzip` (see the module docstring): one head of `vit_received_attention`
+    with the tokens as their own queries and keys (computed in cache-sized row blocks).
     """
-    values = features.float()
-    scale = 1.0 / math.sqrt(values.shape[-1])
-    total = values.new_zeros(values.shape[0])
-    for start in range(0, values.shape[0], _ROW_BLOCK):
-        logits = values[start : start + _ROW_BLOCK] @ values.T * scale
-        total += logits.softmax(dim=-1).sum(dim=0)
-    return total / values.shape[0]
+    values = features.float()[None]
+    return vit_received_attention(values, values, 1.0 / math.sqrt(values.shape[-1]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ def llm_flops(shape, schedule_keep: list[tuple[int, int]], bidirectional: bool) 
     total = lm_head
     for layer in range(shape.num_layers):
         tokens = [n for start, n in schedule_keep if start <= layer][-1]
-        segments = [Segment(QUESTION_TOKENS // 2), Segment(tokens + 2, bidirectional, True), Segment(QUESTION_TOKENS // 2)]
+        text = Segment(QUESTION_TOKENS // 2)
+        segments = [text, Segment(tokens + 2, bidirectional, True), text]
         total += prefill_flops(segments, one_layer) - lm_head
     return total
 

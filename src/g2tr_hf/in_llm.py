@@ -5,7 +5,8 @@ The methods are selected like every other one, `g2tr_method="fastv"` (or `"wfast
 `"ivcprune"`, `"vscan"`) with `g2tr_ratio`, and act inside the decoder instead of before it. A model builds one
 `InLLMDropper` per forward call (`InLLMDropper.for_call`), attaches it to its decoder layers for the duration of the
 decoder call (`InLLMDropper.attached`: forward pre-hooks that return new arguments, nothing is patched or resized
-in place), and reads the final layout back with `InLLMDropper.finish`. Outside an in-LLM method the dropper is a no-op.
+in place), and reads the final layout back with `InLLMDropper.finish`. Outside an in-LLM method the dropper is a
+no-op.
 
 What happens in one prefill:
 
@@ -79,9 +80,9 @@ __all__ = [
     "acts_in_llm",
     "drop_schedule",
     "entry_share",
-    "refuse_in_llm_methods",
     "layer_token_counts",
     "ratio_for_layer_average",
+    "refuse_in_llm_methods",
 ]
 
 IN_LLM_METHODS = ("fastv", "wfastv", "pdrop", "dart", "ivcprune", "vscan")

@@ -840,7 +840,11 @@ class G2TRInternVLUModel(G2TRInternVLUPreTrainedModel):
             if pixel_values is not None:
                 ratio = self.config.resolve_g2tr_ratio(g2tr_ratio)
                 vit_attention = None
-                if ratio < 1.0 and method_needs_vit_attention(self.config.g2tr_method):
+                # VScan's scores only when some image loses a token (every image has image_grid_size^2 tokens).
+                tokens = self.config.image_grid_size**2
+                if method_needs_vit_attention(self.config.g2tr_method) and reduces_anything(
+                    tokens, ratio, self.config.g2tr_min_keep
+                ):
                     image_features, vit_attention = self.vscan_attention_scores(pixel_values)
                 else:
                     image_features = self.get_image_features(pixel_values).pooler_output
